@@ -1,0 +1,274 @@
+"""Streaming hashes, directory manifests and the stat cache.
+
+Files are hashed in 1 MiB reads, so memory stays flat whatever their size.
+A directory is hashed as its *manifest*: a canonical JSON document listing every
+file's relative path, hash and size (dvc-data's ``.dir`` objects, with a version
+field so the encoding can change later). The manifest is stored as an object of
+its own, and its hash is the directory's version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import InvalidKeyError, StoreError
+from .keys import validate_relpath
+
+CHUNK_SIZE = 1 << 20
+ALGORITHMS = ("sha256", "blake3")
+MANIFEST_VERSION = 1
+
+# NOTE: a file modified within the file system's timestamp granularity after we
+# stat it could keep the same mtime (the "racy git" problem). Files younger than
+# this at hashing time are hashed but not remembered in the stat cache.
+RACY_WINDOW_NS = 100_000_000
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def new_hasher(algorithm: str) -> Hasher:
+    """Return a fresh incremental hasher for ``algorithm`` (sha256 or blake3)."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "blake3":
+        from blake3 import blake3
+
+        # NOTE: blake3 hashes large buffers on several threads; worth it for
+        # the 1 MiB chunks we feed it.
+        return blake3(max_threads=blake3.AUTO)  # type: ignore[no-any-return]
+    raise StoreError(
+        f"unknown hash algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}"
+    )
+
+
+def hash_bytes(data: bytes, algorithm: str = "sha256") -> str:
+    hasher = new_hasher(algorithm)
+    hasher.update(data)
+    return hasher.hexdigest()
+
+
+def hash_file(
+    path: str | os.PathLike[str],
+    algorithm: str = "sha256",
+    on_bytes: Callable[[int], None] | None = None,
+) -> tuple[str, int]:
+    """Hash a file in bounded memory; return ``(hexdigest, size)``."""
+    hasher = new_hasher(algorithm)
+    size = 0
+    buffer = bytearray(CHUNK_SIZE)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            hasher.update(view[:n])
+            size += n
+            if on_bytes is not None:
+                on_bytes(n)
+    return hasher.hexdigest(), size
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    path: str
+    oid: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The listing of one directory snapshot, sorted by path."""
+
+    algorithm: str
+    entries: tuple[ManifestEntry, ...]
+
+    @property
+    def size(self) -> int:
+        """Total bytes of the files listed (the directory's logical size)."""
+        return sum(entry.size for entry in self.entries)
+
+    def to_bytes(self) -> bytes:
+        # NOTE: canonical encoding (sorted entries and keys, no whitespace) so
+        # that the same tree always gives the same manifest hash.
+        document = {
+            "version": MANIFEST_VERSION,
+            "algorithm": self.algorithm,
+            "entries": [
+                {"path": e.path, "hash": e.oid, "size": e.size}
+                for e in sorted(self.entries, key=lambda e: e.path)
+            ],
+        }
+        return json.dumps(
+            document, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "manifest") -> Manifest:
+        try:
+            document = json.loads(data)
+            version = document["version"]
+            if version != MANIFEST_VERSION:
+                raise StoreError(
+                    f"{where} has manifest version {version}; this uncool-prefect "
+                    f"reads version {MANIFEST_VERSION}. Upgrade uncool-prefect."
+                )
+            entries = tuple(
+                ManifestEntry(
+                    path=validate_relpath(e["path"]), oid=e["hash"], size=int(e["size"])
+                )
+                for e in document["entries"]
+            )
+            return cls(algorithm=document["algorithm"], entries=entries)
+        except (ValueError, KeyError, TypeError) as exc:
+            if isinstance(exc, InvalidKeyError):
+                raise StoreError(f"{where} lists an unsafe path: {exc}") from exc
+            raise StoreError(f"{where} is not a valid directory manifest: {exc}") from exc
+
+
+def walk_files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """Yield ``(relative posix path, stat)`` for every file under ``root``, sorted.
+
+    Symlinks to files are followed (their content is what a reader sees);
+    symlinked directories and special files (sockets, FIFOs) are skipped.
+    """
+    stack = [""]
+    found: list[tuple[str, os.stat_result]] = []
+    while stack:
+        prefix = stack.pop()
+        with os.scandir(root / prefix if prefix else root) as it:
+            for entry in it:
+                rel = f"{prefix}{entry.name}"
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(rel + "/")
+                    continue
+                try:
+                    st = entry.stat()
+                except FileNotFoundError:  # dangling symlink, or removed meanwhile
+                    continue
+                if entry.is_file():
+                    found.append((rel, st))
+    found.sort(key=lambda item: item[0])
+    yield from found
+
+
+class StatCache:
+    """Remembers the hash of local files keyed on (path, inode, mtime_ns, size).
+
+    Stored in SQLite so that every process on the machine shares it; an
+    unchanged file is never read twice. A cache that cannot be opened or written
+    only costs speed, never correctness, so its errors are swallowed after the
+    first warning.
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = db_path
+        self._local = threading.local()
+        self._disabled = False
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if self._disabled:
+            return None
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                self.db_path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS stat_cache ("
+                    " path TEXT NOT NULL, algorithm TEXT NOT NULL,"
+                    " inode INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
+                    " size INTEGER NOT NULL, oid TEXT NOT NULL,"
+                    " PRIMARY KEY (path, algorithm))"
+                )
+            except sqlite3.Error:
+                self._disabled = True
+                return None
+            self._local.conn = conn
+        return conn
+
+    @staticmethod
+    def _key(st: os.stat_result) -> tuple[int, int, int]:
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def lookup(self, path: str, st: os.stat_result, algorithm: str) -> str | None:
+        return self.lookup_many([(path, st)], algorithm).get(path)
+
+    def lookup_many(
+        self, items: Iterable[tuple[str, os.stat_result]], algorithm: str
+    ) -> dict[str, str]:
+        """Return ``{path: oid}`` for every item whose stat still matches."""
+        conn = self._connect()
+        wanted = {path: self._key(st) for path, st in items}
+        if conn is None or not wanted:
+            return {}
+        hits: dict[str, str] = {}
+        try:
+            if len(wanted) > 64:
+                # NOTE: one scan beats thousands of point queries for big folders.
+                rows = conn.execute(
+                    "SELECT path, inode, mtime_ns, size, oid FROM stat_cache"
+                    " WHERE algorithm = ?",
+                    (algorithm,),
+                )
+            else:
+                marks = ",".join("?" * len(wanted))
+                rows = conn.execute(
+                    "SELECT path, inode, mtime_ns, size, oid FROM stat_cache"
+                    f" WHERE algorithm = ? AND path IN ({marks})",
+                    (algorithm, *wanted),
+                )
+            for path, inode, mtime_ns, size, oid in rows:
+                if wanted.get(path) == (inode, mtime_ns, size):
+                    hits[path] = oid
+        except sqlite3.Error:
+            return {}
+        return hits
+
+    def record_many(
+        self,
+        items: Iterable[tuple[str, os.stat_result, str]],
+        algorithm: str,
+        hashed_at_ns: int | None = None,
+    ) -> None:
+        """Remember ``(path, stat, oid)`` triples, skipping racily fresh files."""
+        conn = self._connect()
+        if conn is None:
+            return
+        cutoff = (hashed_at_ns or time.time_ns()) - RACY_WINDOW_NS
+        rows = [
+            (path, algorithm, st.st_ino, st.st_mtime_ns, st.st_size, oid)
+            for path, st, oid in items
+            if st.st_mtime_ns < cutoff
+        ]
+        if not rows:
+            return
+        try:
+            with conn:
+                conn.execute("BEGIN")
+                conn.executemany(
+                    "INSERT OR REPLACE INTO stat_cache VALUES (?, ?, ?, ?, ?, ?)", rows
+                )
+        except sqlite3.Error:
+            pass
+
+    def record(
+        self, path: str, st: os.stat_result, oid: str, algorithm: str, hashed_at_ns: int
+    ) -> None:
+        self.record_many([(path, st, oid)], algorithm, hashed_at_ns)
+
+
+def json_dumps_canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
