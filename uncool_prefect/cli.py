@@ -1,0 +1,282 @@
+"""The ``uncool`` command.
+
+    uncool demo                     the main job (for now: the store, seen from Prefect)
+    uncool store put|get|cat|ls|du|verify|gc
+    uncool server start|stop|status
+    uncool block register           save the store as a Prefect block
+
+Every store command takes ``--basepath URL`` (default: ``UNCOOL_STORE``, else
+``.uncool/store`` in the working folder).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import cyclopts
+from cyclopts import Parameter
+from rich.console import Console
+from rich.table import Table
+
+from .progress import RichCallback
+from .settings import get_settings
+from .store import ObjectStore, StoreError
+
+app = cyclopts.App(
+    name="uncool",
+    help="Content-addressed, verified ML artifacts and caching for Prefect.",
+    version_flags=["--version"],
+)
+store_app = cyclopts.App(name="store", help="Put, get, inspect and clean the object store.")
+server_app = cyclopts.App(name="server", help="A local Prefect server in the background.")
+block_app = cyclopts.App(name="block", help="The store as a Prefect block.")
+app.command(store_app)
+app.command(server_app)
+app.command(block_app)
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+Basepath = Annotated[
+    str | None,
+    Parameter(help="Store URL: a folder or s3://bucket/prefix. Default: UNCOOL_STORE, "
+              "else .uncool/store."),
+]
+
+
+def _open_store(basepath: str | None) -> ObjectStore:
+    settings = get_settings()
+    return ObjectStore(
+        basepath or settings.store_url,
+        algorithm=settings.algorithm,
+        state_dir=settings.state_dir,
+    )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '30m', '1h', '2d' -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise StoreError(f"cannot read duration {text!r}; use e.g. 90s, 30m, 1h or 2d")
+    scale = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+# -- store -----------------------------------------------------------------
+@store_app.command
+def put(path: Path, /, *, basepath: Basepath = None) -> None:
+    """Store a file or a folder; print its object id (folders end in .dir).
+
+    Parameters
+    ----------
+    path
+        File or folder to store. Unchanged files are not read again.
+    """
+    if not path.exists():
+        raise StoreError(f"{path} does not exist")
+    store = _open_store(basepath)
+    with RichCallback(f"put {path.name}") as progress:
+        ref = store.put(path, callback=progress)
+    out.print(ref.name)
+
+
+@store_app.command
+def get(oid: str, dest: Path, /, *, basepath: Basepath = None) -> None:
+    """Write an object (file) or a .dir object (folder) to DEST, verified.
+
+    Parameters
+    ----------
+    oid
+        Object id as printed by `uncool store put`.
+    dest
+        Destination file, or a new or empty folder for a .dir object.
+    """
+    store = _open_store(basepath)
+    with RichCallback(f"get {oid[:12]}") as progress:
+        store.get_file(oid, dest, callback=progress)
+    out.print(str(dest))
+
+
+@store_app.command
+def cat(oid: str, /, *, basepath: Basepath = None) -> None:
+    """Write an object's bytes to stdout (verified; a .dir prints its manifest).
+
+    Parameters
+    ----------
+    oid
+        Object id as printed by `uncool store put`.
+    """
+    store = _open_store(basepath)
+    with store.open(oid) as stream:
+        # NOTE: the final chunk is only released after the hash check, so a
+        # corrupt object ends with an error instead of a silent bad tail.
+        while chunk := stream.read(1 << 20):
+            sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.flush()
+
+
+@store_app.command(name="ls")
+def ls_(*, basepath: Basepath = None, json_output: Annotated[bool, Parameter(name="--json")] = False) -> None:
+    """List the objects in the store."""
+    store = _open_store(basepath)
+    infos = sorted(store.ls(), key=lambda i: i.name)
+    if json_output:
+        out.print(json.dumps([{"oid": i.name, "size": i.size, "mtime": i.mtime} for i in infos]))
+        return
+    for info in infos:
+        out.print(f"{info.name}  {_human(info.size):>10}")
+
+
+@store_app.command
+def du(*, basepath: Basepath = None, json_output: Annotated[bool, Parameter(name="--json")] = False) -> None:
+    """Show objects, stored bytes, logical bytes and the deduplication ratio.
+
+    Logical bytes count every ref and every file of every folder snapshot in
+    full: what the store would hold without deduplication.
+    """
+    store = _open_store(basepath)
+    usage = store.du()
+    if json_output:
+        out.print(json.dumps({
+            "objects": usage.objects, "directories": usage.directories, "refs": usage.refs,
+            "stored_bytes": usage.stored_bytes, "logical_bytes": usage.logical_bytes,
+            "dedup_ratio": round(usage.dedup_ratio, 3),
+        }))
+        return
+    table = Table(title=f"store {store.url}", show_header=False)
+    table.add_row("objects", f"{usage.objects} ({usage.directories} folders)")
+    table.add_row("refs", str(usage.refs))
+    table.add_row("stored bytes", _human(usage.stored_bytes))
+    table.add_row("logical bytes", _human(usage.logical_bytes))
+    table.add_row("dedup ratio", f"{usage.dedup_ratio:.2f}x")
+    out.print(table)
+
+
+@store_app.command
+def verify(*, basepath: Basepath = None) -> int:
+    """Re-hash every object; exit 1 and list them if any is corrupt or missing."""
+    store = _open_store(basepath)
+    with RichCallback("verify") as progress:
+        problems = store.verify(callback=progress)
+    if not problems:
+        out.print(f"all objects in {store.url} verified")
+        return 0
+    for problem in problems:
+        out.print(f"{problem.kind}: {problem.name} at {problem.url}: {problem.detail}")
+    err.print(f"{len(problems)} damaged object(s); put the original data again to repair")
+    return 1
+
+
+@store_app.command
+def gc(
+    *,
+    basepath: Basepath = None,
+    grace: Annotated[str, Parameter(help="Spare anything younger than this (e.g. 30m, 1h, 0).")] = "1h",
+    keep: Annotated[tuple[str, ...], Parameter(help="Object ids to keep besides refs and runs.")] = (),
+    dry_run: bool = False,
+) -> None:
+    """Delete objects no ref, run record or --keep id reaches, older than --grace."""
+    store = _open_store(basepath)
+    report = store.gc(grace=parse_duration(grace), keep=keep, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    out.print(
+        f"{verb} {len(report.removed)} object(s), {_human(report.removed_bytes)}; "
+        f"kept {report.reachable} reachable, spared {report.spared_young} younger than {grace}; "
+        f"{verb} {report.removed_temp} stale temp file(s)"
+    )
+    for name in report.dangling:
+        err.print(f"warning: a ref or run names {name}, which is not in the store")
+
+
+# -- server ----------------------------------------------------------------
+@server_app.command(name="start")
+def server_start(*, port: int | None = None) -> None:
+    """Start a Prefect server on 127.0.0.1 in the background (pid/log in .uncool/server)."""
+    from . import server
+
+    info = server.start(get_settings().home, port=port)
+    out.print(f"Prefect server up: {info.ui_url} (pid {info.pid}, log {info.log})")
+    out.print(f"use it with: export PREFECT_API_URL={info.api_url}")
+
+
+@server_app.command(name="stop")
+def server_stop() -> None:
+    """Stop the server started by `uncool server start`."""
+    from . import server
+
+    stopped = server.stop(get_settings().home)
+    out.print("stopped" if stopped else "no server of ours was running")
+
+
+@server_app.command(name="status")
+def server_status() -> int:
+    """Say whether our background server is up (exit 1 if not)."""
+    from . import server
+
+    info = server.status(get_settings().home)
+    if info is None:
+        out.print("not running")
+        return 1
+    out.print(f"running: {info.ui_url} (pid {info.pid}, log {info.log})")
+    return 0
+
+
+# -- block -----------------------------------------------------------------
+@block_app.command(name="register")
+def block_register(name: str = "default", /, *, basepath: Basepath = None) -> None:
+    """Save a ContentAddressedStorage block NAME for the store (needs a Prefect API)."""
+    from .blocks import ContentAddressedStorage
+
+    url = basepath or get_settings().store_url
+    ContentAddressedStorage.register_type_and_schema()
+    ContentAddressedStorage(basepath=url).save(name, overwrite=True)
+    out.print(f"saved block content-addressed-storage/{name} -> {url}")
+
+
+# -- demo ------------------------------------------------------------------
+@app.command
+def demo(*, runs: int = 2) -> int:
+    """The main job: a small flow whose results land in the store, run twice.
+
+    Finds or starts a local Prefect server, saves the store as the block
+    `content-addressed-storage/uncool-demo`, runs flows/store_demo.py in a
+    fresh process RUNS times (the second is all Cached), then shows `store du`.
+    """
+    from .demo import run_demo
+
+    return run_demo(runs=runs, console=out)
+
+
+def main() -> None:
+    """Console entry point: store errors become one clear line and exit code 2."""
+    try:
+        app()
+    except StoreError as exc:
+        err.print(f"error: {exc}")
+        sys.exit(2)
+    except Exception as exc:
+        from .server import ServerError
+
+        if isinstance(exc, ServerError):
+            err.print(f"error: {exc}")
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Every ``UNCOOL_*`` setting, in one place.
+
+Read from the environment (and a ``.env`` file in the working folder) each time
+:func:`get_settings` is called, so tests and subprocesses can change them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class UncoolSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UNCOOL_", env_file=".env", extra="ignore")
+
+    home: Path = Field(
+        default=Path(".uncool"),
+        description="Project state folder: the default store, server pid and logs.",
+    )
+    store: str | None = Field(
+        default=None,
+        description="Base URL of the object store (a folder or s3://bucket/prefix); "
+        "default: <home>/store.",
+    )
+    algorithm: str = Field(default="sha256", description="Hash algorithm of new stores.")
+    state_dir: Path | None = Field(
+        default=None, description="Where the stat cache of a store lives (machine-local)."
+    )
+
+    @property
+    def store_url(self) -> str:
+        return self.store or str((self.home / "store").absolute())
+
+
+def get_settings() -> UncoolSettings:
+    return UncoolSettings()
