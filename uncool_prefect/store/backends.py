@@ -304,6 +304,11 @@ class FsspecBackend:
         if protocol in ("s3", "s3a"):
             options = _s3_defaults(options)
         self.fs, root = fsspec.core.url_to_fs(url, **options)
+        if protocol in ("s3", "s3a"):
+            # NOTE: s3fs has a retry loop of its own on top of botocore's; one
+            # attempt there keeps the total the one configured in _s3_defaults,
+            # not a product of the two.
+            self.fs.retries = 1
         self.protocol = protocol
         self.root = root.rstrip("/")
         self.url = url.rstrip("/")
@@ -458,9 +463,7 @@ def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
 
     NOTE: botocore's "standard" retry mode already retries exactly what should
     be retried (5xx, SlowDown/throttling, timeouts, dropped connections) with
-    capped exponential backoff, and never 403 or NoSuchBucket. s3fs has a
-    retry loop of its own on top; it is set to one attempt so that the total
-    number of tries stays the one configured here, not a product of the two.
+    capped exponential backoff, and never 403 or NoSuchBucket.
     """
     options = dict(options)
     config = dict(options.pop("config_kwargs", None) or {})
@@ -468,7 +471,6 @@ def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
     config.setdefault("connect_timeout", 5)
     config.setdefault("read_timeout", 60)
     options["config_kwargs"] = config
-    options.setdefault("retries", 1)
     options.setdefault("use_listings_cache", False)
     return options
 

@@ -1,0 +1,241 @@
+"""One behaviour, every backend: the same tests on a local folder and on S3 (moto)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from uncool_prefect.store import (
+    CorruptObjectError,
+    InvalidKeyError,
+    ObjectNotFoundError,
+    ObjectStore,
+    StoreError,
+)
+
+
+def _objects(store: ObjectStore) -> list[str]:
+    return sorted(info.name for info in store.ls())
+
+
+def test_put_bytes_names_object_by_sha256_in_fanout_layout(store: ObjectStore) -> None:
+    ref = store.put_bytes(b"hello world")
+    expected = hashlib.sha256(b"hello world").hexdigest()
+    assert (ref.oid, ref.size) == (expected, 11)
+    assert store.url_of(ref.oid).endswith(f"objects/sha256/{expected[:2]}/{expected[2:]}")
+    assert store.get_bytes(ref.oid) == b"hello world"
+    assert store.has(ref.oid)
+
+
+def test_blake3_is_selectable(tmp_path: Path) -> None:
+    from blake3 import blake3
+
+    store = ObjectStore(tmp_path / "s", algorithm="blake3", state_dir=tmp_path / "st")
+    ref = store.put_bytes(b"abc")
+    assert ref.oid == blake3(b"abc").hexdigest()
+    assert "/objects/blake3/" in store.url_of(ref.oid)
+    assert store.get_bytes(ref.oid) == b"abc"
+
+
+def test_same_content_is_stored_once(store: ObjectStore, tmp_path: Path) -> None:
+    source = tmp_path / "a.bin"
+    source.write_bytes(os.urandom(300_000))
+    copy = tmp_path / "b.bin"
+    copy.write_bytes(source.read_bytes())
+    first = store.put_file(source)
+    second = store.put_file(copy)
+    third = store.put_bytes(source.read_bytes())
+    assert first.oid == second.oid == third.oid
+    assert _objects(store) == [first.oid]
+
+
+def test_put_file_and_get_file_round_trip(store: ObjectStore, tmp_path: Path) -> None:
+    source = tmp_path / "model.bin"
+    payload = os.urandom(3 * (1 << 20) + 17)  # crosses chunk boundaries
+    source.write_bytes(payload)
+    ref = store.put_file(source)
+    assert ref.size == len(payload)
+    out = store.get_file(ref.oid, tmp_path / "out" / "model.bin")
+    assert out.read_bytes() == payload
+
+
+def test_open_streams_verified_bytes(store: ObjectStore) -> None:
+    payload = os.urandom(2 * (1 << 20) + 5)
+    ref = store.put_bytes(payload)
+    with store.open(ref.oid) as stream:
+        head = stream.read(10)
+        rest = stream.read()
+    assert head + rest == payload
+
+
+def test_put_dir_manifest_and_get_dir(store: ObjectStore, tmp_path: Path) -> None:
+    src = tmp_path / "data"
+    (src / "plots").mkdir(parents=True)
+    (src / "data-sync").mkdir()
+    (src / "plots" / "1.txt").write_text("vega axis is wrong")
+    (src / "data-sync" / "2.txt").write_text("dvc pull fails")
+    (src / "data-sync" / "3 copy é.txt").write_text("dvc pull fails")  # duplicate content
+    ref = store.put_dir(src)
+    assert ref.is_dir and ref.name.endswith(".dir") and ref.nfiles == 3
+    manifest = store.read_manifest(ref.name)
+    assert [e.path for e in manifest.entries] == [
+        "data-sync/2.txt", "data-sync/3 copy é.txt", "plots/1.txt"
+    ]
+    assert manifest.entries[0].oid == manifest.entries[1].oid
+    # 2 distinct files + the manifest
+    assert len(_objects(store)) == 3
+    out = store.get_dir(ref.name, tmp_path / "restored")
+    assert (out / "data-sync" / "3 copy é.txt").read_text() == "dvc pull fails"
+    assert (out / "plots" / "1.txt").read_text() == "vega axis is wrong"
+
+
+def test_dir_hash_is_stable_and_changes_with_content(store: ObjectStore, tmp_path: Path) -> None:
+    src = tmp_path / "d"
+    src.mkdir()
+    (src / "a").write_text("1")
+    first = store.put_dir(src)
+    assert store.put_dir(src).oid == first.oid
+    (src / "b").write_text("2")
+    assert store.put_dir(src).oid != first.oid
+
+
+def test_get_dir_refuses_a_non_empty_destination(store: ObjectStore, tmp_path: Path) -> None:
+    src = tmp_path / "d"
+    src.mkdir()
+    (src / "a").write_text("1")
+    ref = store.put_dir(src)
+    dest = tmp_path / "busy"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not an empty folder"):
+        store.get_dir(ref.name, dest)
+    assert (dest / "keep.txt").read_text() == "mine"
+
+
+def test_missing_object_is_a_file_not_found_error(store: ObjectStore) -> None:
+    oid = "0" * 64
+    assert not store.has(oid)
+    with pytest.raises(ObjectNotFoundError) as info:
+        store.get_bytes(oid)
+    assert isinstance(info.value, FileNotFoundError)
+    assert oid in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["", "xyz", "0" * 63, "../" + "0" * 64, "0" * 64 + "/x"])
+def test_malformed_object_ids_are_rejected(store: ObjectStore, bad: str) -> None:
+    with pytest.raises(InvalidKeyError):
+        store.get_bytes(bad)
+
+
+def test_refs_point_at_objects(store: ObjectStore) -> None:
+    ref = store.put_bytes(b"result")
+    store.set_ref("task/abc", ref, task_name="train")
+    document = store.get_ref("task/abc")
+    assert document["oid"] == ref.oid and document["task_name"] == "train"
+    assert [key for key, _ in store.iter_refs()] == ["task/abc"]
+
+
+def test_du_counts_dedup(store: ObjectStore) -> None:
+    ref = store.put_bytes(b"x" * 1000)
+    store.set_ref("a", ref)
+    store.set_ref("b", ref)
+    usage = store.du()
+    assert (usage.objects, usage.refs, usage.stored_bytes, usage.logical_bytes) == (1, 2, 1000, 2000)
+    assert usage.dedup_ratio == pytest.approx(2.0)
+
+
+def _corrupt(store: ObjectStore, oid: str, data: bytes) -> None:
+    backend = store.backend
+    rel = store.url_of(oid)
+    if hasattr(backend, "make_writable"):
+        Path(rel).chmod(0o644)
+        Path(rel).write_bytes(data)
+    else:
+        backend.fs.pipe_file(rel.replace("s3://", ""), data)
+
+
+def test_flipped_byte_is_never_returned(store: ObjectStore, tmp_path: Path) -> None:
+    payload = b"a" * 5000
+    ref = store.put_bytes(payload)
+    _corrupt(store, ref.oid, b"a" * 4999 + b"b")
+    with pytest.raises(CorruptObjectError) as info:
+        store.get_bytes(ref.oid)
+    message = str(info.value)
+    assert ref.oid in message and info.value.actual in message and "objects/sha256" in message
+    dest = tmp_path / "out.bin"
+    with pytest.raises(CorruptObjectError):
+        store.get_file(ref.oid, dest)
+    assert not dest.exists()
+    assert list(tmp_path.iterdir()) == [] or all(
+        not p.name.endswith("uncool-tmp") for p in tmp_path.iterdir()
+    )
+    with pytest.raises(CorruptObjectError), store.open(ref.oid) as stream:
+        while stream.read(1000):
+            pass
+
+
+def test_verify_lists_flipped_and_truncated_objects(store: ObjectStore) -> None:
+    good = store.put_bytes(b"good" * 100)
+    flipped = store.put_bytes(b"flip" * 100)
+    truncated = store.put_bytes(b"trunc" * 100)
+    _corrupt(store, flipped.oid, b"flip" * 99 + b"FLIP")
+    _corrupt(store, truncated.oid, b"trunc" * 50)
+    problems = {p.name: p for p in store.verify()}
+    assert set(problems) == {flipped.oid, truncated.oid}
+    assert all(p.kind == "corrupt" for p in problems.values())
+    assert store.get_bytes(good.oid) == b"good" * 100
+
+
+def test_a_corrupt_object_is_repaired_by_putting_it_again(store: ObjectStore) -> None:
+    ref = store.put_bytes(b"precious")
+    _corrupt(store, ref.oid, b"garbage!")
+    store.backend.delete(store.url_of(ref.oid)[len(store.url) + 1:])
+    store.put_bytes(b"precious")
+    assert store.get_bytes(ref.oid) == b"precious"
+
+
+def test_gc_removes_only_unreachable_objects_past_grace(store: ObjectStore, tmp_path: Path) -> None:
+    kept_by_ref = store.put_bytes(b"ref")
+    store.set_ref("r", kept_by_ref)
+    src = tmp_path / "d"
+    src.mkdir()
+    (src / "f").write_text("in a kept dir")
+    kept_dir = store.put_dir(src)
+    kept_by_run = store.put_bytes(b"run")
+    store.backend.write_bytes(
+        "runs/run-1.json", f'{{"outputs": {{"model": "{kept_by_run.oid}"}}}}'.encode()
+    )
+    explicit = store.put_bytes(b"keep me")
+    garbage = store.put_bytes(b"garbage")
+    assert store.gc(grace=3600).removed == []  # everything is younger than the grace
+    grace = _age(store, [kept_by_ref.oid, kept_by_run.oid, explicit.oid, garbage.oid])
+    young = store.put_bytes(b"young")
+    report = store.gc(grace=grace, keep=[explicit.oid, kept_dir.name])
+    assert report.removed == [garbage.oid]
+    assert not store.has(garbage.oid)
+    assert all(store.has(o.name) for o in (kept_by_ref, kept_by_run, explicit, kept_dir, young))
+    assert (src / "f").read_text() == "in a kept dir"
+
+
+def test_gc_dry_run_deletes_nothing(store: ObjectStore) -> None:
+    garbage = store.put_bytes(b"garbage")
+    report = store.gc(grace=0, dry_run=True)
+    assert report.removed == [garbage.oid]
+    assert store.has(garbage.oid)
+
+
+def _age(store: ObjectStore, names: list[str]) -> float:
+    """Make objects older than the grace period returned."""
+    import time
+
+    if hasattr(store.backend, "make_writable"):
+        past = time.time() - 7200
+        for name in names:
+            os.utime(store.url_of(name), (past, past))
+        return 60.0
+    # S3 LastModified cannot be set (and has 1 s resolution): wait past a short grace.
+    time.sleep(2.5)
+    return 1.5
