@@ -159,22 +159,30 @@ def _corrupt(store: ObjectStore, oid: str, data: bytes) -> None:
 
 def test_flipped_byte_is_never_returned(store: ObjectStore, tmp_path: Path) -> None:
     payload = b"a" * 5000
-    ref = store.put_bytes(payload)
-    _corrupt(store, ref.oid, b"a" * 4999 + b"b")
+
+    def put_and_flip() -> str:
+        ref = store.put_bytes(payload)
+        _corrupt(store, ref.oid, b"a" * 4999 + b"b")
+        return ref.oid
+
+    oid = put_and_flip()
     with pytest.raises(CorruptObjectError) as info:
-        store.get_bytes(ref.oid)
+        store.get_bytes(oid)
     message = str(info.value)
-    assert ref.oid in message and info.value.actual in message and "objects/sha256" in message
-    dest = tmp_path / "out.bin"
+    assert oid in message and info.value.actual in message and "objects/sha256" in message
+
+    oid = put_and_flip()
+    dest = tmp_path / "out" / "model.bin"
     with pytest.raises(CorruptObjectError):
-        store.get_file(ref.oid, dest)
-    assert not dest.exists()
-    assert list(tmp_path.iterdir()) == [] or all(
-        not p.name.endswith("uncool-tmp") for p in tmp_path.iterdir()
-    )
-    with pytest.raises(CorruptObjectError), store.open(ref.oid) as stream:
-        while stream.read(1000):
-            pass
+        store.get_file(oid, dest)
+    assert list(dest.parent.iterdir()) == []  # neither the file nor a temp
+
+    oid = put_and_flip()
+    received = b""
+    with pytest.raises(CorruptObjectError), store.open(oid) as stream:
+        while chunk := stream.read(1000):
+            received += chunk
+    assert b"b" not in received  # the flipped byte sits in the last chunk: withheld
 
 
 def test_verify_lists_flipped_and_truncated_objects(store: ObjectStore) -> None:
@@ -189,10 +197,13 @@ def test_verify_lists_flipped_and_truncated_objects(store: ObjectStore) -> None:
     assert store.get_bytes(good.oid) == b"good" * 100
 
 
-def test_a_corrupt_object_is_repaired_by_putting_it_again(store: ObjectStore) -> None:
+def test_a_corrupt_object_is_moved_aside_and_healed_by_the_next_put(store: ObjectStore) -> None:
     ref = store.put_bytes(b"precious")
     _corrupt(store, ref.oid, b"garbage!")
-    store.backend.delete(store.url_of(ref.oid)[len(store.url) + 1:])
+    with pytest.raises(CorruptObjectError, match="moved aside") as info:
+        store.get_bytes(ref.oid)
+    assert info.value.moved_to is not None and "/tmp/corrupt-" in info.value.moved_to
+    assert not store.has(ref.oid)  # a cache miss now, instead of an error forever
     store.put_bytes(b"precious")
     assert store.get_bytes(ref.oid) == b"precious"
 

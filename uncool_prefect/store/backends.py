@@ -287,6 +287,16 @@ class LocalBackend:
             trash.unlink()
         return True
 
+    def quarantine(self, rel: str) -> str | None:
+        """Move a corrupt object out of the way (into tmp/); return where to."""
+        target = self.root / TMP_DIR / f"corrupt-{rel.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
+        try:
+            self._ensure_dir(target.parent)
+            os.rename(self.root / rel, target)
+        except OSError:
+            return None
+        return str(target)
+
     def make_writable(self, rel: str) -> None:
         os.chmod(self.root / rel, 0o644)
 
@@ -444,6 +454,15 @@ class FsspecBackend:
                 else:
                     self.fs.touch(self._path(rel), truncate=False)
         return True
+
+    def quarantine(self, rel: str) -> str | None:
+        """Move a corrupt object out of the way (into tmp/); return where to."""
+        target = f"{TMP_DIR}/corrupt-{rel.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
+        try:
+            self.fs.mv(self._path(rel), self._path(target))
+        except Exception:  # noqa: BLE001 - best effort: the read error is what matters
+            return None
+        return self.url_for(target)
 
     def delete(self, rel: str, *, unless_newer_than: float | None = None) -> bool:
         if unless_newer_than is not None:

@@ -38,6 +38,7 @@ class CorruptObjectError(StoreError):
         self.expected = expected
         self.actual = actual
         self.url = url
+        self.moved_to: str | None = None
         super().__init__(
             f"object {oid} is corrupt: expected hash {expected}, got {actual} "
             f"reading {url}. Run `uncool store verify` to list every damaged object, "

@@ -29,7 +29,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,8 +137,9 @@ class _VerifyingReader(io.RawIOBase):
     """Streams an object and checks its hash before handing over the last bytes."""
 
     def __init__(self, raw: IO[bytes], name: str, expected: str, algorithm: str,
-                 size: int, url: str) -> None:
+                 size: int, url: str, on_corrupt: Callable[[], str | None] | None = None) -> None:
         super().__init__()
+        self._on_corrupt = on_corrupt
         self._raw = raw
         self._name = name
         self._expected = expected
@@ -169,7 +170,16 @@ class _VerifyingReader(io.RawIOBase):
         return n
 
     def _fail(self, actual: str) -> None:
-        raise CorruptObjectError(self._name, self._expected, actual, self._url)
+        error = CorruptObjectError(self._name, self._expected, actual, self._url)
+        if self._on_corrupt is not None:
+            moved_to = self._on_corrupt()
+            if moved_to:
+                error.moved_to = moved_to
+                error.args = (
+                    f"{error.args[0]} The damaged copy was moved aside to {moved_to}, "
+                    "so the next put of the same data stores a good one.",
+                )
+        raise error
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -439,13 +449,18 @@ class ObjectStore:
         return _DirPlan(entries=entries, new_objects=len(entries))
 
     # -- get -----------------------------------------------------------------
-    def open(self, oid: str) -> IO[bytes]:
+    def open(self, oid: str, *, quarantine: bool = True) -> IO[bytes]:
         """Open an object for a streamed read, verified against its id.
 
         The read that reaches the end raises :class:`CorruptObjectError` instead
         of returning the last bytes if the content does not match; a consumer
         that writes what it reads somewhere must only keep it after that read
         (as :meth:`get_file` does).
+
+        With ``quarantine`` (the default) a corrupt object is also moved aside
+        to ``tmp/``: puts skip objects that exist, so leaving it in place would
+        keep the damage forever, while moving it lets the next put of the same
+        data (a cache miss recomputing it, say) heal the store.
         """
         digest, is_dir = self._resolve(oid)
         rel = self._rel(digest, is_dir)
@@ -459,8 +474,10 @@ class ObjectStore:
         if not self.verify_reads:
             return raw
         name = digest + (DIR_SUFFIX if is_dir else "")
-        reader = _VerifyingReader(raw, name, digest, self.algorithm, stat.size,
-                                  self.backend.url_for(rel))
+        reader = _VerifyingReader(
+            raw, name, digest, self.algorithm, stat.size, self.backend.url_for(rel),
+            on_corrupt=(lambda: self.backend.quarantine(rel)) if quarantine else None,
+        )
         return io.BufferedReader(reader, buffer_size=CHUNK_SIZE)
 
     def get_bytes(self, oid: str) -> bytes:
@@ -627,7 +644,7 @@ class ObjectStore:
         for info in infos:
             url = self.url_of(info.name)
             try:
-                with self.open(info.name) as stream:
+                with self.open(info.name, quarantine=False) as stream:
                     while chunk := stream.read(CHUNK_SIZE):
                         callback.relative_update(len(chunk))
                 if info.is_dir:
