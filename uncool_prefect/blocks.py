@@ -20,7 +20,7 @@ from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_aws import AwsCredentials
 from pydantic import Field, PrivateAttr
 
-from .store import ObjectStore, validate_relpath
+from .store import ObjectStore, StoreError, validate_relpath
 
 _RECORD_KEYS = {"metadata", "result"}
 
@@ -122,15 +122,31 @@ class ContentAddressedStorage(WritableFileSystem):
     # -- Prefect's WritableFileSystem interface ------------------------------
     def _write(self, path: str, content: bytes) -> str:
         key = validate_relpath(path, "result key")
+        if _is_metadata_for(content, key) and self._holds_value(key):
+            raise StoreError(
+                f"result metadata for key {key!r} would overwrite the result itself: "
+                "the cache policy's key_storage is this same ContentAddressedStorage. "
+                "Drop key_storage (this block already keeps metadata apart from values) "
+                "or point it at another base URL."
+            )
         record = _split_result_record(content)
         if record is None:
             ref = self.store.put_bytes(content)
-            self.store.set_ref(key, ref, **_run_context())
+            kind = "metadata" if _is_metadata_for(content, key) else "value"
+            self.store.set_ref(key, ref, kind=kind, **_run_context())
         else:
             metadata, serialized = record
             ref = self.store.put_bytes(serialized)
-            self.store.set_ref(key, ref, record_metadata=metadata, **_run_context())
+            self.store.set_ref(key, ref, kind="record", record_metadata=metadata,
+                               **_run_context())
         return key
+
+    def _holds_value(self, key: str) -> bool:
+        """True if ``refs/<key>`` already points at a result value (not metadata)."""
+        try:
+            return self.store.get_ref(key).get("kind") == "value"
+        except FileNotFoundError:
+            return False
 
     def _read(self, path: str) -> bytes:
         key = validate_relpath(path, "result key")
@@ -178,6 +194,24 @@ def _split_result_record(content: bytes) -> tuple[dict[str, Any], bytes] | None:
     ):
         return document["metadata"], document["result"].encode("utf-8")
     return None
+
+
+_METADATA_KEYS = {"storage_key", "expiration", "serializer", "prefect_version", "storage_block_id"}
+
+
+def _is_metadata_for(content: bytes, key: str) -> bool:
+    """True if ``content`` is the ResultRecordMetadata of the result stored at ``key``."""
+    if not content.startswith(b"{") or b'"storage_key"' not in content:
+        return False
+    try:
+        document = json.loads(content)
+    except ValueError:
+        return False
+    return (
+        isinstance(document, dict)
+        and document.keys() == _METADATA_KEYS
+        and document.get("storage_key") == key
+    )
 
 
 def _run_context() -> dict[str, Any]:

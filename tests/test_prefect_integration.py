@@ -1,0 +1,185 @@
+"""The block inside real Prefect: a real server, flows in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from uncool_prefect import ContentAddressedStorage
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+FLOW_SOURCE = '''
+import json, sys
+from prefect import flow, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.runtime import flow_run
+
+STORAGE = "content-addressed-storage/{block}"
+POLICY = INPUTS + TASK_SOURCE
+{configure}
+
+@task(result_storage=STORAGE, cache_policy=POLICY, persist_result=True)
+def featurize(n: int) -> list[int]:
+    return [i * i for i in range(n)]
+
+@task(result_storage=STORAGE, cache_policy=POLICY, persist_result=True)
+def total(values: list[int]) -> int:
+    return sum(values)
+
+@task(result_storage=STORAGE, cache_policy=POLICY, persist_result=True)
+def total_again(values: list[int]) -> int:
+    return sum(values)
+
+@flow(result_storage=STORAGE, persist_result=True)
+def pipeline(n: int = 1000) -> int:
+    values = featurize(n)
+    a = total(values)
+    b = total_again(values)
+    assert a == b
+    return a
+
+if __name__ == "__main__":
+    result = pipeline()
+    print("RESULT", json.dumps({{"flow_run_id": str(pipeline_run_id[0]), "result": result}}))
+'''
+
+
+def _write_flow(tmp_path: Path, block: str, key_storage: bool = False) -> Path:
+    configure = (
+        f'POLICY = POLICY.configure(key_storage="content-addressed-storage/{block}-keys")'
+        if key_storage else ""
+    )
+    source = FLOW_SOURCE.format(block=block, configure=configure)
+    # Capture the flow run id from inside the flow.
+    source = source.replace(
+        "def pipeline(n: int = 1000) -> int:\n",
+        "def pipeline(n: int = 1000) -> int:\n    pipeline_run_id[0] = flow_run.id\n",
+    ).replace("POLICY = INPUTS", "pipeline_run_id = [None]\nPOLICY = INPUTS")
+    path = tmp_path / "pipeline_flow.py"
+    path.write_text(source)
+    return path
+
+
+def _run_flow(path: Path) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=180,
+        env=os.environ.copy(), cwd=path.parent,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
+    return dict(json.loads(line.split(" ", 1)[1]))
+
+
+def _task_states(flow_run_id: str) -> dict[str, str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs if run.state}
+
+
+def _save_block(name: str, basepath: Path) -> ContentAddressedStorage:
+    block = ContentAddressedStorage(basepath=str(basepath))
+    block.save(name, overwrite=True)
+    return block
+
+
+def test_block_loads_by_slug_in_a_fresh_process(tmp_path: Path) -> None:
+    _save_block("fresh-process", tmp_path / "store")
+    code = textwrap.dedent('''
+        from prefect.blocks.core import Block
+        block = Block.load("content-addressed-storage/fresh-process")
+        print(type(block).__name__, block.basepath)
+    ''')
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["ContentAddressedStorage", str(tmp_path / "store")]
+
+
+def test_block_register_finds_the_block_type() -> None:
+    done = subprocess.run([PREFECT, "block", "register", "-m", "uncool_prefect"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Content Addressed Storage" in done.stdout
+    listing = subprocess.run([PREFECT, "block", "type", "ls"], capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})
+    assert "content-addressed-storage" in listing.stdout
+
+
+@pytest.mark.parametrize("key_storage", [False, True], ids=["record", "key_storage"])
+def test_second_run_in_a_new_process_is_cached_and_deduplicated(
+    tmp_path: Path, key_storage: bool
+) -> None:
+    block_name = f"pipeline-{'ks' if key_storage else 'rec'}"
+    block = _save_block(block_name, tmp_path / "store")
+    _save_block(f"{block_name}-keys", tmp_path / "keys")  # metadata lives apart
+    flow_file = _write_flow(tmp_path, block_name, key_storage=key_storage)
+
+    first = _run_flow(flow_file)
+    assert first["result"] == sum(i * i for i in range(1000))
+    assert set(_task_states(str(first["flow_run_id"])).values()) == {"Completed"}
+
+    second = _run_flow(flow_file)
+    assert second["result"] == first["result"]
+    states = _task_states(str(second["flow_run_id"]))
+    assert states == {"featurize": "Cached", "total": "Cached", "total_again": "Cached"}
+
+    # total and total_again return the same value: one object, several refs.
+    store = block.store
+    refs = dict(store.iter_refs())
+    by_task: dict[str, set[str]] = {}
+    for document in refs.values():
+        if "task_name" in document:
+            by_task.setdefault(document["task_name"], set()).add(document["oid"])
+    assert by_task["total"] == by_task["total_again"]
+    for document in refs.values():
+        assert store.has(document["oid"])
+    task_refs = [d for d in refs.values() if "task_name" in d]
+    assert {d["flow_run_id"] for d in task_refs} == {first["flow_run_id"]}
+    assert all(d.get("task_run_id") for d in task_refs)
+    assert store.du().dedup_ratio > 1.0
+
+
+def test_key_storage_on_the_same_block_is_a_clear_error(tmp_path: Path) -> None:
+    block = ContentAddressedStorage(basepath=str(tmp_path / "store"))
+    block.write_path("k", b"[1, 2]", _sync=True)
+    metadata = json.dumps({"storage_key": "k", "expiration": None,
+                           "serializer": {"type": "json"}, "prefect_version": "3.9.1",
+                           "storage_block_id": None}).encode()
+    from uncool_prefect.store import StoreError
+
+    with pytest.raises(StoreError, match="key_storage"):
+        block.write_path("k", metadata, _sync=True)
+    assert block.read_path("k", _sync=True) == b"[1, 2]"  # the result is intact
+
+
+def test_a_corrupted_cached_result_is_recomputed_not_returned(tmp_path: Path) -> None:
+    block = _save_block("heal", tmp_path / "store")
+    flow_file = _write_flow(tmp_path, "heal")
+    first = _run_flow(flow_file)
+    store = block.store
+    featurize_oid = next(d["oid"] for _, d in store.iter_refs() if d.get("task_name") == "featurize")
+    path = Path(store.url_of(featurize_oid))
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    second = _run_flow(flow_file)
+    assert second["result"] == first["result"]
+    states = _task_states(str(second["flow_run_id"]))
+    assert states["featurize"] == "Completed"  # recomputed: the bad copy was refused
+    assert store.verify() == []  # and the store healed itself
