@@ -65,8 +65,9 @@ def test_same_value_from_different_keys_and_blocks_is_stored_once(tmp_path: Path
     first = ContentAddressedStorage(basepath=str(tmp_path / "store"))
     second = ContentAddressedStorage(basepath=str(tmp_path / "store"))
     # Same value, different keys and different storage_block_id in the record.
-    first.write_path("key-1", _record("[1, 2, 3]", "key-1", "11111111-1111-1111-1111-111111111111"), _sync=True)
-    second.write_path("key-2", _record("[1, 2, 3]", "key-2", "22222222-2222-2222-2222-222222222222"), _sync=True)
+    block_1, block_2 = "11111111-1111-1111-1111-111111111111", "22222222-2222-2222-2222-222222222222"
+    first.write_path("key-1", _record("[1, 2, 3]", "key-1", block_1), _sync=True)
+    second.write_path("key-2", _record("[1, 2, 3]", "key-2", block_2), _sync=True)
     first.write_path("key-3", b"[1, 2, 3]", _sync=True)  # key_storage style: the bare value
     objects = list(first.store.ls())
     assert [o.size for o in objects] == [len(b"[1, 2, 3]")]

@@ -49,7 +49,7 @@ class ContentAddressedStorage(WritableFileSystem):
     _block_type_slug = "content-addressed-storage"
     # NOTE: the package has no logo or docs site of its own yet; these are
     # Prefect's file-system logo and its page on result storage.
-    _logo_url = "https://raw.githubusercontent.com/PrefectHQ/prefect/420d0d6a78bb6df1fc18bcf188fdad43c1d22ea9/assets/block-logos/filesystem.png"  # type: ignore[assignment]  # noqa: E501
+    _logo_url = "https://raw.githubusercontent.com/PrefectHQ/prefect/420d0d6a78bb6df1fc18bcf188fdad43c1d22ea9/assets/block-logos/filesystem.png"  # type: ignore[assignment]
     _documentation_url = "https://docs.prefect.io/v3/advanced/results"  # type: ignore[assignment]
     _description = (
         "Content-addressed, deduplicated result storage that verifies every read "

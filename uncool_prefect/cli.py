@@ -188,7 +188,7 @@ def gc(
     basepath: Basepath = None,
     grace: Annotated[str, Parameter(help="Spare anything younger than this (e.g. 30m, 1h, 0).")] = "1h",
     keep: Annotated[tuple[str, ...], Parameter(help="Object ids to keep besides refs and runs.")] = (),
-    dry_run: bool = False,
+    dry_run: Annotated[bool, Parameter(help="List what would be removed; delete nothing.")] = False,
 ) -> None:
     """Delete objects no ref, run record or --keep id reaches, older than --grace."""
     store = _open_store(basepath)

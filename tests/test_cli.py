@@ -1,0 +1,117 @@
+"""The `uncool` command as a user runs it: real processes, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+UNCOOL = str(Path(sys.executable).with_name("uncool"))
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def uncool(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([UNCOOL, *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+    if check:
+        assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.fixture
+def basepath(tmp_path: Path) -> str:
+    return str(tmp_path / "store")
+
+
+def test_put_get_cat_ls_du_verify_gc(tmp_path: Path, basepath: str) -> None:
+    data = tmp_path / "data"
+    (data / "plots").mkdir(parents=True)
+    (data / "plots" / "1.txt").write_text("axis labels overlap")
+    (data / "plots" / "2.txt").write_text("axis labels overlap")
+    file_oid = uncool("store", "put", str(data / "plots" / "1.txt"), "--basepath", basepath,
+                      check=True).stdout.strip()
+    dir_oid = uncool("store", "put", str(data), "--basepath", basepath, check=True).stdout.strip()
+    assert len(file_oid) == 64 and dir_oid.endswith(".dir")
+
+    assert uncool("store", "cat", file_oid, "--basepath", basepath, check=True).stdout == (
+        "axis labels overlap"
+    )
+    uncool("store", "get", dir_oid, str(tmp_path / "restored"), "--basepath", basepath, check=True)
+    assert (tmp_path / "restored" / "plots" / "2.txt").read_text() == "axis labels overlap"
+
+    listing = json.loads(uncool("store", "ls", "--json", "--basepath", basepath, check=True).stdout)
+    assert {entry["oid"] for entry in listing} == {file_oid, dir_oid}
+
+    usage = json.loads(uncool("store", "du", "--json", "--basepath", basepath, check=True).stdout)
+    assert usage["objects"] == 2 and usage["directories"] == 1
+    assert usage["logical_bytes"] > usage["stored_bytes"]  # two files, one object
+
+    assert "verified" in uncool("store", "verify", "--basepath", basepath, check=True).stdout
+
+    dry = uncool("store", "gc", "--grace", "0", "--dry-run", "--basepath", basepath, check=True)
+    assert "would remove 2 object(s)" in dry.stdout
+    kept = uncool("store", "gc", "--grace", "0", "--keep", dir_oid, "--basepath", basepath,
+                  check=True)
+    assert "removed 0 object(s)" in kept.stdout
+
+
+def test_verify_exits_1_and_names_the_corrupt_object(tmp_path: Path, basepath: str) -> None:
+    source = tmp_path / "model.bin"
+    source.write_bytes(b"weights" * 1000)
+    oid = uncool("store", "put", str(source), "--basepath", basepath, check=True).stdout.strip()
+    stored = Path(basepath) / "objects" / "sha256" / oid[:2] / oid[2:]
+    stored.chmod(0o644)
+    stored.write_bytes(b"weightz" * 1000)
+    done = uncool("store", "verify", "--basepath", basepath)
+    assert done.returncode == 1
+    assert f"corrupt: {oid}" in done.stdout and str(stored) in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["store", "get", "nothex", "/tmp/x"], "is not an object id"),
+        (["store", "cat", "0" * 64], "is not in the store"),
+        (["store", "put", "/no/such/file"], "does not exist"),
+        (["store", "gc", "--grace", "soon"], "cannot read duration"),
+    ],
+)
+def test_bad_input_is_one_clear_line(basepath: str, args: list[str], message: str) -> None:
+    done = uncool(*args, "--basepath", basepath)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_every_command_explains_itself() -> None:
+    for args in (["--help"], ["store", "--help"], ["store", "gc", "--help"],
+                 ["server", "--help"], ["demo", "--help"]):
+        done = uncool(*args, check=True)
+        assert "Usage:" in done.stdout
+
+
+def test_uncool_store_env_sets_the_default_store(tmp_path: Path) -> None:
+    source = tmp_path / "f.txt"
+    source.write_text("hello")
+    env = {**os.environ, "UNCOOL_STORE": str(tmp_path / "env-store")}
+    done = subprocess.run([UNCOOL, "store", "put", str(source)], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "env-store" / "objects" / "sha256").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_demo_is_the_main_job_and_its_second_run_is_cached(tmp_path: Path) -> None:
+    env = {**os.environ, "UNCOOL_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    done = subprocess.run([UNCOOL, "demo"], capture_output=True, text=True, cwd=PROJECT,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_2 = done.stdout.split("run 2", 1)[1]
+    assert run_2.count("Cached") >= 3 and "Completed" not in run_2
+    assert "every task Cached" in done.stdout
+    assert "dedup ratio" in done.stdout
