@@ -193,7 +193,9 @@ class StatCache:
                     " size INTEGER NOT NULL, oid TEXT NOT NULL,"
                     " PRIMARY KEY (path, algorithm))"
                 )
-            except sqlite3.Error:
+            except (sqlite3.Error, OSError):
+                # NOTE: a read-only store or a full disk must fail on the object
+                # write, with the store's own error, not here on the cache.
                 self._disabled = True
                 return None
             self._local.conn = conn

@@ -498,7 +498,8 @@ class ObjectStore:
             return self.get_dir(digest + DIR_SUFFIX, dest, callback=callback)
         target = Path(dest)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.uncool-tmp"
+        # NOTE: not derived from the name: a 255-byte name plus a suffix is too long.
+        temp = target.parent / f".{uuid.uuid4().hex[:16]}.uncool-tmp"
         callback = callback or NoOpCallback()
         try:
             with self.open(digest) as stream, open(temp, "wb") as out:
@@ -524,7 +525,7 @@ class ObjectStore:
         callback = callback or NoOpCallback()
         callback.set_size(manifest.size)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.uncool-tmp"
+        staging = target.parent / f".{uuid.uuid4().hex[:16]}.uncool-tmp"
         try:
             staging.mkdir()
             for entry in manifest.entries:
