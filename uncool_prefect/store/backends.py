@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import io
 import os
 import tempfile
 import time
@@ -27,7 +28,6 @@ import fsspec
 from fsspec.callbacks import Callback, NoOpCallback
 
 from .errors import (
-    ObjectNotFoundError,
     StoreError,
     StoreFullError,
     StorePermissionError,
@@ -382,7 +382,9 @@ class FsspecBackend:
 
     def open_read(self, rel: str) -> IO[bytes]:
         with self._errors(rel, reading=True):
-            return self.fs.open(self._path(rel), "rb", block_size=4 << 20)  # type: ignore[no-any-return]
+            raw = self.fs.open(self._path(rel), "rb", block_size=4 << 20)
+        # NOTE: s3fs fetches lazily: the GETs (and their errors) come with read().
+        return _TranslatingReader(raw, lambda: self._errors(rel, reading=True))  # type: ignore[return-value]
 
     def read_bytes(self, rel: str) -> bytes:
         with self._errors(rel, reading=True):
@@ -477,6 +479,28 @@ class FsspecBackend:
         return True
 
 
+class _TranslatingReader(io.RawIOBase):
+    """A remote file whose read errors come out as the store's exceptions."""
+
+    def __init__(self, raw: Any,
+                 errors: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+        super().__init__()
+        self._raw = raw
+        self._errors = errors
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        with self._errors():
+            return int(self._raw.readinto(buffer) or 0)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._raw.close()
+        super().close()
+
+
 def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
     """Bounded retries with backoff, short connect timeout, no stale listings.
 
@@ -486,7 +510,8 @@ def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
     """
     options = dict(options)
     config = dict(options.pop("config_kwargs", None) or {})
-    config.setdefault("retries", {"max_attempts": 4, "mode": "standard"})
+    # NOTE: total_max_attempts counts the first try; max_attempts would not.
+    config.setdefault("retries", {"total_max_attempts": 4, "mode": "standard"})
     config.setdefault("connect_timeout", 5)
     config.setdefault("read_timeout", 60)
     options["config_kwargs"] = config
@@ -533,7 +558,9 @@ def _is_connection_error(exc: BaseException) -> bool:
     )
 
 
-def make_backend(url: str, storage_options: dict[str, Any] | None = None) -> LocalBackend | FsspecBackend:
+def make_backend(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> LocalBackend | FsspecBackend:
     """Pick the backend for a store URL: a plain path or ``file://`` is local."""
     if "://" not in url:
         return LocalBackend(url)
