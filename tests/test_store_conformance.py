@@ -250,3 +250,15 @@ def _age(store: ObjectStore, names: list[str]) -> float:
     # S3 LastModified cannot be set (and has 1 s resolution): wait past a short grace.
     time.sleep(2.5)
     return 1.5
+
+
+def test_hash_path_predicts_the_put_without_storing(store: ObjectStore, tmp_path: Path) -> None:
+    src = tmp_path / "d"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "a.txt").write_text("alpha")
+    (src / "b.txt").write_text("beta")
+    predicted_dir = store.hash_path(src)
+    predicted_file = store.hash_path(src / "b.txt")
+    assert _objects(store) == []
+    assert store.put_dir(src).name == predicted_dir
+    assert store.put_file(src / "b.txt").oid == predicted_file

@@ -670,6 +670,41 @@ class ObjectStore:
 
         return collect_garbage(self, grace=grace, keep=keep, dry_run=dry_run)
 
+    def hash_path(self, path: str | os.PathLike[str]) -> str:
+        """The id a put of ``path`` would give, without storing anything.
+
+        Files already hashed (stat cache) are not read again, so this is cheap
+        for unchanged data: what cache keys and change detection need.
+        """
+        source = Path(path)
+        if source.is_dir():
+            files = list(walk_files(source))
+            keys = {rel: str((source / rel).absolute()) for rel, _ in files}
+            known = self.stat_cache.lookup_many(((keys[r], st) for r, st in files), self.algorithm)
+            started = time.time_ns()
+            entries, fresh = [], []
+            for rel, st in files:
+                oid = known.get(keys[rel])
+                if oid is None:
+                    oid, _ = hash_file(source / rel, self.algorithm)
+                    fresh.append((keys[rel], st, oid))
+                entries.append(ManifestEntry(rel, oid, st.st_size))
+            self.stat_cache.record_many(fresh, self.algorithm, started)
+            manifest = Manifest(self.algorithm, tuple(entries))
+            return hash_bytes(manifest.to_bytes(), self.algorithm) + DIR_SUFFIX
+        try:
+            st = os.stat(source)
+        except FileNotFoundError as exc:
+            raise StoreError(f"cannot hash {source}: no such file or folder") from exc
+        key = str(source.absolute())
+        cached = self.stat_cache.lookup(key, st, self.algorithm)
+        if cached is not None:
+            return cached
+        started = time.time_ns()
+        oid, _ = hash_file(source, self.algorithm)
+        self.stat_cache.record(key, st, oid, self.algorithm, started)
+        return oid
+
     def tmp_files(self) -> Iterator[tuple[str, float]]:
         for rel, stat in self.backend.list(TMP_DIR):
             yield rel, stat.mtime
