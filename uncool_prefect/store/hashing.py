@@ -201,6 +201,14 @@ class StatCache:
             self._local.conn = conn
         return conn
 
+    def __getstate__(self) -> dict[str, Any]:
+        # NOTE: SQLite connections live per thread and cannot be copied or
+        # pickled (Prefect deep-copies cache policies, Dask pickles tasks).
+        return {"db_path": self.db_path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["db_path"])  # type: ignore[misc]
+
     @staticmethod
     def _key(st: os.stat_result) -> tuple[int, int, int]:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
