@@ -248,6 +248,112 @@ def block_register(name: str = "default", /, *, basepath: Basepath = None) -> No
     out.print(f"saved block content-addressed-storage/{name} -> {url}")
 
 
+# -- the pipeline ----------------------------------------------------------
+SAMPLE_TITLE = "dvc pull fails with my S3 remote"
+
+
+@app.command
+def run(
+    *,
+    set_: Annotated[
+        tuple[str, ...],
+        Parameter(name=["--set", "-S"], help="Override a parameter, e.g. -S train.C=2.0 "
+                  "(repeatable; the key must exist in params.yaml)."),
+    ] = (),
+    params: Annotated[Path | None, Parameter(help="Params file (default flows/params.yaml).")] = None,
+) -> int:
+    """The main job: get-data -> split -> train -> evaluate -> deploy.
+
+    Finds or starts a local Prefect server, runs the pipeline, and shows which
+    stages ran and which were Cached, the champion, a prediction, and where to
+    look in the Prefect and MLflow UIs. Stages re-run only when their code,
+    parameters or data changed.
+    """
+    from . import runner, tracking
+
+    project = runner.find_project()
+    resolved = runner.resolve_params(project, params, list(set_))
+    info = runner.connect()
+    out.print(f"Prefect server: {info.ui_url}")
+    outcome = runner.run_pipeline(project, resolved, info.api_url)
+    result = outcome.result
+    table = Table(title="stages", show_header=True)
+    table.add_column("stage")
+    table.add_column("state")
+    for stage_name, state in outcome.stage_states.items():
+        table.add_row(stage_name, state)
+    out.print(table)
+    out.print(f"data version  {result['data']['dataset']} ({result['data']['examples']} examples)")
+    metrics = result["metrics"]
+    out.print(f"metrics       accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+    decision = result["decision"]
+    out.print(f"model         {resolved['deploy']['model_name']} v{decision['version']}: "
+              f"{decision['reason']}")
+    tracking.configure(get_settings().home)
+    model, version = tracking.load_champion(resolved["deploy"]["model_name"])
+    prediction = tracking.predict_label(model, SAMPLE_TITLE)
+    out.print(f"champion      v{version}; predict({SAMPLE_TITLE!r}) -> {json.dumps(prediction)}")
+    if outcome.all_cached:
+        out.print("nothing changed: every stage Cached, results read back from the store")
+    out.print(f"flow run      {info.ui_url}/runs/flow-run/{outcome.flow_run_id}")
+    out.print(f"MLflow UI     mlflow ui --backend-store-uri {tracking.mlflow_uri()}")
+    return 0
+
+
+@app.command
+def predict(text: str, /, *, model_name: str = "issue-labeler") -> None:
+    """Label one issue title with the champion: prints {"label": ..., "score": ...}.
+
+    Parameters
+    ----------
+    text
+        An issue title, e.g. "dvc pull fails with my S3 remote".
+    """
+    from . import tracking
+
+    tracking.configure(get_settings().home)
+    model, _version = tracking.load_champion(model_name)
+    out.print(json.dumps(tracking.predict_label(model, text)))
+
+
+@app.command
+def serve(*, port: int = 5001, model_name: str = "issue-labeler") -> int:
+    """Serve the champion with MLflow's scoring server (POST /invocations)."""
+    import subprocess
+
+    from . import tracking
+
+    uri = tracking.configure(get_settings().home)
+    tracking.load_champion(model_name)  # a clear error now rather than in MLflow's log
+    mlflow = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow) if mlflow.exists() else "mlflow", "models", "serve",
+               "-m", f"models:/{model_name}@champion", "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(port)]
+    err.print(f"serving models:/{model_name}@champion on http://127.0.0.1:{port}/invocations")
+    import os
+
+    return subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+
+
+@app.command(name="sample-data")
+def sample_data(dest: Path, /, *, day: int, seed: int = 0) -> None:
+    """Write day DAY of the sample issues into DEST (<label>/<id>.txt), deterministically.
+
+    Parameters
+    ----------
+    dest
+        Dataset folder; each new day adds new files beside the earlier ones.
+    day
+        Which day (1, 2, ...): later days drift in vocabulary.
+    seed
+        Picks one of many reproducible datasets.
+    """
+    from .sources import write_sample_day
+
+    written = write_sample_day(dest, day, seed=seed)
+    out.print(f"wrote {len(written)} issues for day {day} into {dest}")
+
+
 # -- demo ------------------------------------------------------------------
 @app.command
 def demo(*, runs: int = 2) -> int:
@@ -270,12 +376,20 @@ def main() -> None:
         err.print(f"error: {exc}")
         sys.exit(2)
     except Exception as exc:
-        from .server import ServerError
-
-        if isinstance(exc, ServerError):
+        if _is_user_error(exc):
             err.print(f"error: {exc}")
             sys.exit(2)
         raise
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Errors whose message already says what to do: no traceback for those."""
+    from .params import ParamsError
+    from .server import ServerError
+
+    from .sources import DataError
+
+    return isinstance(exc, (ServerError, ParamsError, LookupError, DataError))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ class UncoolSettings(BaseSettings):
         "default: <home>/store.",
     )
     algorithm: str = Field(default="sha256", description="Hash algorithm of new stores.")
+    block: str = Field(
+        default="uncool",
+        description="Name of the ContentAddressedStorage block the pipeline's results go to.",
+    )
     state_dir: Path | None = Field(
         default=None, description="Where the stat cache of a store lives (machine-local)."
     )

@@ -15,11 +15,15 @@ import contextlib
 import ctypes
 import errno
 import io
+import itertools
+import mmap
 import os
+import queue
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -39,6 +43,17 @@ TMP_DIR = "tmp"
 ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}
 S3_PART_SIZE = 8 << 20
 S3_PARTS_IN_FLIGHT = 4  # 32 MiB of parts in memory at most
+
+# Local ingest of big files: read, write and hash overlap in three threads
+# over a few 1 MiB buffers (8 MiB in memory at most, whatever the file size).
+COPY_CHUNK = 1 << 20
+COPY_BUFFERS = 8
+# From this size on a temp file is written with O_DIRECT (still fsynced):
+# the bytes must reach the disk before the rename anyway, and going around
+# the page cache saves a copy and a flush that would otherwise come last.
+DIRECT_MIN_SIZE = 8 << 20
+_DIRECT_ALIGN = 4096
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 @dataclass(frozen=True)
@@ -86,12 +101,124 @@ def _syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for ``fd``; False where the file system refuses."""
+    if not _O_DIRECT:
+        return False
+    import fcntl
+
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | _O_DIRECT) if on else (flags & ~_O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
+class _Writer:
+    """``os.write`` until done, with O_DIRECT while the file system takes it."""
+
+    def __init__(self, fd: int, direct: bool) -> None:
+        self.fd = fd
+        self.direct = direct and _set_direct(fd, True)
+
+    def write(self, view: memoryview) -> None:
+        while view:
+            if self.direct and len(view) % _DIRECT_ALIGN:
+                self._buffered()  # the unaligned tail (the last chunk) goes buffered
+            try:
+                n = os.write(self.fd, view)
+            except OSError as exc:
+                if self.direct and exc.errno == errno.EINVAL:
+                    self._buffered()  # alignment the device does not take: retry buffered
+                    continue
+                raise
+            view = view[n:]
+
+    def _buffered(self) -> None:
+        _set_direct(self.fd, False)
+        self.direct = False
+
+
+def _join_all(threads: list[threading.Thread]) -> None:
+    """Join every thread, even across a KeyboardInterrupt (re-raised after)."""
+    interrupted: BaseException | None = None
+    for thread in threads:
+        while thread.is_alive():
+            try:
+                thread.join()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+
+
+def _copy_pipelined(source: int, target: int, digest: Callable[[memoryview], object],
+                    progress: Callable[[int], object] | None, direct: bool) -> int:
+    """Copy ``source`` to ``target`` in 1 MiB chunks, feeding each to ``digest``.
+
+    The calling thread reads; one thread writes and one hashes, in order, each
+    chunk read once into one of a few shared buffers that go back to the reader
+    only when both are done. hashlib and os.write release the GIL, so on two
+    cores the copy costs little more than the hash. Any error stops all three
+    and is raised here, after both threads have finished.
+    """
+    free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+    for _ in range(COPY_BUFFERS):
+        free.put(mmap.mmap(-1, COPY_CHUNK))  # page-aligned, as O_DIRECT wants
+    to_write: queue.SimpleQueue[tuple[mmap.mmap, int] | None] = queue.SimpleQueue()
+    to_hash: queue.SimpleQueue[tuple[mmap.mmap, int] | None] = queue.SimpleQueue()
+    errors: list[BaseException] = []
+    writer = _Writer(target, direct)
+
+    def write_stage() -> None:
+        while (item := to_write.get()) is not None:
+            if not errors:
+                try:
+                    writer.write(memoryview(item[0])[: item[1]])
+                except BaseException as exc:  # noqa: BLE001 - raised by the reader
+                    errors.append(exc)
+            to_hash.put(item)
+        to_hash.put(None)
+
+    def hash_stage() -> None:
+        while (item := to_hash.get()) is not None:
+            if not errors:
+                try:
+                    digest(memoryview(item[0])[: item[1]])
+                except BaseException as exc:  # noqa: BLE001 - raised by the reader
+                    errors.append(exc)
+            free.put(item[0])
+
+    threads = [threading.Thread(target=write_stage, name="uncool-write", daemon=True),
+               threading.Thread(target=hash_stage, name="uncool-hash", daemon=True)]
+    for thread in threads:
+        thread.start()
+    total = 0
+    try:
+        while not errors:
+            buffer = free.get()
+            n = os.readv(source, [buffer])
+            if not n:
+                break
+            total += n
+            to_write.put((buffer, n))
+            if progress is not None:
+                progress(n)
+    finally:
+        to_write.put(None)
+        _join_all(threads)
+    if errors:
+        raise errors[0]
+    return total
 
 
 class LocalBackend:
@@ -104,7 +231,13 @@ class LocalBackend:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
-        self._made_dirs: set[Path] = set()
+        # NOTE: hot paths (thousands of small files) use plain strings, not Path.
+        self._root_s = self.url.rstrip("/") + "/"
+        self._tmp_s = self._root_s + TMP_DIR
+        # Folders known to exist *durably* (created with their parent fsynced).
+        self._made_dirs: set[str] = set()
+        self._temp_prefix = uuid.uuid4().hex[:16]
+        self._temp_counter = itertools.count()
 
     def describe(self) -> str:
         return self.url
@@ -147,29 +280,105 @@ class LocalBackend:
                 yield full.relative_to(self.root).as_posix(), FileStat(st.st_size, st.st_mtime)
 
     # -- writing -----------------------------------------------------------
-    def _ensure_dir(self, directory: Path) -> None:
-        if directory in self._made_dirs:
-            return
-        if not directory.is_dir():
-            missing = []
-            probe = directory
-            while not probe.exists() and probe != probe.parent:
-                missing.append(probe)
-                probe = probe.parent
-            directory.mkdir(parents=True, exist_ok=True)
-            # NOTE: a new folder is durable only once its parent is fsynced.
-            for created in reversed(missing):
-                _fsync_dir(created.parent)
-        self._made_dirs.add(directory)
+    def _ensure_dir(self, directory: str | os.PathLike[str]) -> None:
+        self.ensure_dirs([directory])
+
+    def ensure_dirs(self, directories: Iterable[str | os.PathLike[str]]) -> None:
+        """Create missing folders durably, fsyncing each parent folder once.
+
+        NOTE: a new folder is durable only once its parent is fsynced; the 256
+        fan-out folders of a fresh store share one parent, so a batch costs one
+        fsync there instead of 256.
+        """
+        to_sync: set[str] = set()
+        created: list[str] = []
+        for directory in directories:
+            key = os.fspath(directory)
+            if key in self._made_dirs:
+                continue
+            if not os.path.isdir(key):
+                probe = key
+                missing = []
+                while not os.path.exists(probe) and probe != os.path.dirname(probe):
+                    missing.append(probe)
+                    probe = os.path.dirname(probe)
+                os.makedirs(key, exist_ok=True)
+                to_sync.update(os.path.dirname(m) for m in missing)
+            created.append(key)
+        # Parents first, so that each level is durable before the one below it.
+        for parent in sorted(to_sync, key=len):
+            _fsync_dir(parent)
+        self._made_dirs.update(created)
+
+    def _new_temp(self) -> tuple[str, int]:
+        """Create an exclusive temp file in tmp/; return (path, fd)."""
+        with _local_errors(self._tmp_s):
+            if self._tmp_s not in self._made_dirs:
+                self._ensure_dir(self._tmp_s)
+            # NOTE: random per backend, the pid for a forked child that
+            # inherits both, a counter within the process; O_EXCL in any case.
+            path = (f"{self._tmp_s}/{self._temp_prefix}-{os.getpid()}"
+                    f"-{next(self._temp_counter)}.tmp")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return path, fd
 
     def new_temp(self) -> tuple[Path, int]:
         """Create an exclusive temp file next to the objects; return (path, fd)."""
-        tmp_dir = self.root / TMP_DIR
-        with _local_errors(str(tmp_dir)):
-            self._ensure_dir(tmp_dir)
-            path = tmp_dir / f"{uuid.uuid4().hex}.tmp"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        return path, fd
+        path, fd = self._new_temp()
+        return Path(path), fd
+
+    def write_temp_bytes(self, data: bytes | memoryview, *, durable: bool = True) -> str:
+        """Write ``data`` to a new read-only temp file; return its path."""
+        path, fd = self._new_temp()
+        try:
+            with _local_errors(path):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, 0o444)
+                if durable:
+                    os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        os.close(fd)
+        return path
+
+    def copy_to_temp(
+        self,
+        source: int,
+        digest: Callable[[memoryview], object],
+        progress: Callable[[int], object] | None = None,
+        *,
+        durable: bool = True,
+        size_hint: int = 0,
+    ) -> tuple[Path, int]:
+        """Copy everything readable from file descriptor ``source`` to a new temp file.
+
+        Every byte written is handed to ``digest`` too, in order, from one
+        read: what the temp file holds is exactly what was hashed. Reading,
+        writing and hashing overlap (see :func:`_copy_pipelined`); files of
+        ``DIRECT_MIN_SIZE`` or more are written with O_DIRECT. Returns the temp
+        file (read-only, fsynced if ``durable``) and its size; removes it if
+        anything fails.
+        """
+        path, fd = self._new_temp()
+        try:
+            with _local_errors(path):
+                size = _copy_pipelined(source, fd, digest, progress,
+                                       direct=size_hint >= DIRECT_MIN_SIZE)
+                os.fchmod(fd, 0o444)
+                if durable:
+                    os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        os.close(fd)
+        return Path(path), size
 
     def write_temp(
         self,
@@ -181,10 +390,10 @@ class LocalBackend:
 
         The temp file is removed if anything fails, including the iterator.
         """
-        path, fd = self.new_temp()
+        path, fd = self._new_temp()
         written = 0
         try:
-            with _local_errors(str(path)):
+            with _local_errors(path):
                 for chunk in chunks:
                     view = memoryview(chunk)
                     while view:
@@ -197,27 +406,34 @@ class LocalBackend:
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
-                path.unlink()
+                os.unlink(path)
             raise
         os.close(fd)
-        return path, written
+        return Path(path), written
 
-    def commit(self, temp: Path, rel: str, *, durable: bool = True) -> bool:
-        """Move a finished temp file to ``rel``; False if it was already there."""
-        final = self.root / rel
-        with _local_errors(str(final)):
+    def commit(self, temp: str | os.PathLike[str], rel: str, *, durable: bool = True) -> bool:
+        """Move a finished temp file to ``rel``; False if it was already there.
+
+        With ``durable=False`` the rename is not fsynced: the caller makes a
+        whole batch durable with one :meth:`sync` afterwards. Missing folders
+        are always created durably (see :meth:`ensure_dirs`).
+        """
+        final = self._root_s + rel
+        parent = final.rpartition("/")[0]
+        with _local_errors(final):
             try:
-                if final.exists():
-                    temp.unlink()
+                if os.path.exists(final):
+                    os.unlink(temp)
                     self.freshen(rel)
                     return False
-                self._ensure_dir(final.parent)
+                if parent not in self._made_dirs:
+                    self._ensure_dir(parent)
                 os.replace(temp, final)
                 if durable:
-                    _fsync_dir(final.parent)
+                    _fsync_dir(parent)
             except BaseException:
                 with contextlib.suppress(OSError):
-                    temp.unlink()
+                    os.unlink(temp)
                 raise
         return True
 
@@ -247,7 +463,7 @@ class LocalBackend:
 
         Returns False if the object vanished (a gc took it): write it again.
         """
-        path = self.root / rel
+        path = self._root_s + rel
         try:
             st = os.stat(path)
             if time.time() - st.st_mtime > self.freshen_after_s:

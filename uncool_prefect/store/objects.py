@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -308,24 +309,39 @@ class ObjectStore:
         callback.set_size(size)
         if isinstance(self.backend, LocalBackend):
             with open(source, "rb", buffering=0) as stream:
-                return self._ingest_local(stream, callback)
+                return self._ingest_local(stream, callback, size_hint=size)
         digest, _ = hash_file(source, self.algorithm, on_bytes=callback.relative_update)
         rel = self._rel(digest)
         if not self.backend.freshen(rel):
             self.backend.put_local_file(source, rel)
         return ObjectRef(digest, size, self.algorithm)
 
-    def _ingest_local(self, stream: IO[bytes], callback: Callback) -> ObjectRef:
+    def _ingest_local(self, stream: IO[bytes], callback: Callback,
+                      size_hint: int = 0) -> ObjectRef:
         """One pass over the source: hash and copy to a temp file, then rename."""
         assert isinstance(self.backend, LocalBackend)
-        temp, digest, size = self._copy_to_temp(stream, callback, durable=True)
+        temp, digest, size = self._copy_to_temp(stream, callback, durable=True,
+                                                size_hint=size_hint)
         self.backend.commit(temp, self._rel(digest))
         return ObjectRef(digest, size, self.algorithm)
 
     def _copy_to_temp(self, stream: IO[bytes], callback: Callback,
-                      *, durable: bool) -> tuple[Path, str, int]:
+                      *, durable: bool, size_hint: int = 0) -> tuple[Path, str, int]:
+        """Hash and copy ``stream`` into a temp file, reading every byte once.
+
+        A regular file of more than one chunk (``size_hint`` from its stat) goes
+        through the backend's pipelined copy: hashing in one thread overlaps
+        reading and writing in others. Anything else is read, hashed and
+        written chunk by chunk here.
+        """
         assert isinstance(self.backend, LocalBackend)
         hasher = new_hasher(self.algorithm)
+        if size_hint > CHUNK_SIZE and isinstance(stream, io.FileIO):
+            temp, size = self.backend.copy_to_temp(
+                stream.fileno(), hasher.update, callback.relative_update,
+                durable=durable, size_hint=size_hint,
+            )
+            return temp, hasher.hexdigest(), size
         buffer = bytearray(CHUNK_SIZE)
         view = memoryview(buffer)
 
@@ -371,7 +387,11 @@ class ObjectStore:
             _check_manifest_path(root, rel)
         callback = callback or NoOpCallback()
         callback.set_size(sum(st.st_size for _, st in files))
-        keys = {rel: str((root / rel).absolute()) for rel, _ in files}
+        # NOTE: the same keys as put_file's str(path.absolute()), built without
+        # a Path per file (rel is a clean relative path from walk_files).
+        base = str(root.absolute())
+        base = base if base.endswith("/") else base + "/"
+        keys = {rel: base + rel for rel, _ in files}
         cached = self.stat_cache.lookup_many(
             ((keys[rel], st) for rel, st in files), self.algorithm
         )
@@ -399,34 +419,56 @@ class ObjectStore:
                        keys: dict[str, str], cached: dict[str, str],
                        callback: Callback) -> _DirPlan:
         assert isinstance(self.backend, LocalBackend)
+        backend = self.backend
         plan = _DirPlan()
-        pending: list[tuple[Path, str]] = []  # (temp file, final rel)
+        entries = plan.entries
+        pending: list[tuple[str | Path, str]] = []  # (temp file, final rel)
+        pending_rels: set[str] = set()
+        rel_of = self._rel
         try:
             for rel, st in files:
                 oid = cached.get(keys[rel])
-                if oid is not None and self.backend.freshen(self._rel(oid)):
+                if oid is not None and backend.freshen(rel_of(oid)):
                     callback.relative_update(st.st_size)
-                    plan.entries.append(ManifestEntry(rel, oid, st.st_size))
+                    entries.append(ManifestEntry(rel, oid, st.st_size))
                     continue
                 # NOTE: temps are written without a per-file fsync; one syncfs
                 # below makes the whole batch durable *before* any of them gets
                 # its final name. 20k fsyncs would cost more than the hashing.
-                with open(root / rel, "rb", buffering=0) as stream:
-                    temp, oid, size = self._copy_to_temp(stream, callback, durable=False)
-                if self.backend.freshen(self._rel(oid)):
-                    temp.unlink()
+                data = _read_small(keys[rel]) if st.st_size < CHUNK_SIZE else None
+                temp: str | Path | None = None
+                if data is not None:
+                    # A small file: read whole, hashed, and only written if new.
+                    oid, size = hash_bytes(data, self.algorithm), len(data)
+                    callback.relative_update(size)
                 else:
-                    pending.append((temp, self._rel(oid)))
-                plan.entries.append(ManifestEntry(rel, oid, size))
+                    with open(keys[rel], "rb", buffering=0) as stream:
+                        temp, oid, size = self._copy_to_temp(
+                            stream, callback, durable=False, size_hint=st.st_size
+                        )
+                final = rel_of(oid)
+                if final in pending_rels or backend.freshen(final):
+                    if temp is not None:
+                        os.unlink(temp)
+                else:
+                    if temp is None:
+                        assert data is not None
+                        temp = backend.write_temp_bytes(data, durable=False)
+                    pending.append((temp, final))
+                    pending_rels.add(final)
+                entries.append(ManifestEntry(rel, oid, size))
             if pending:
-                self.backend.sync()
+                backend.sync()
+                folders = {final.rpartition("/")[0] for final in pending_rels}
+                backend.ensure_dirs(backend.url_for(folder) for folder in folders)
                 for temp, final in pending:
-                    self.backend.commit(temp, final, durable=False)
+                    backend.commit(temp, final, durable=False)
                 plan.new_objects = len(pending)
-                self.backend.sync()
+                backend.sync()
         except BaseException:
             for temp, _ in pending:
-                temp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
             raise
         return plan
 
@@ -710,7 +752,31 @@ class ObjectStore:
             yield rel, stat.mtime
 
 
+def _read_small(path: str) -> bytes | None:
+    """The whole content of a file of at most one chunk; None if it is bigger."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts: list[bytes] = []
+        total = 0
+        while part := os.read(fd, CHUNK_SIZE + 1 - total):
+            parts.append(part)
+            total += len(part)
+            if total > CHUNK_SIZE:
+                return None  # it grew since its stat: stream it instead
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+# Paths made only of [A-Za-z0-9_-] words joined by single dots, parts joined by
+# "/": nothing validate_relpath could object to (no empty, "." or ".." part, no
+# "%", ":", backslash or control character), so the full check can be skipped.
+_PLAIN_RELPATH = re.compile(r"[\w-]+(?:\.[\w-]+)*(?:/[\w-]+(?:\.[\w-]+)*)*", re.ASCII)
+
+
 def _check_manifest_path(root: Path, rel: str) -> None:
+    if _PLAIN_RELPATH.fullmatch(rel):
+        return
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -1,0 +1,229 @@
+"""The issue labeler on Prefect: get-data -> split -> train -> evaluate -> deploy.
+
+Every stage's output is an object in the content-addressed store and the
+stages pass object ids to each other, so a stage's cache key (its code, the
+project code it calls, its parameters, and the content of any folder it
+reads) changes exactly when its inputs do: what DVC decides with dvc.lock,
+Prefect decides here with the ContentAware cache policy.
+
+    uncool run                     # the whole pipeline, embedded defaults
+    uncool run -S train.C=2.0      # train, evaluate and deploy re-run; the rest is Cached
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import labeler
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
+
+from uncool_prefect import reports, tracking
+from uncool_prefect.caching import ContentAware
+from uncool_prefect.settings import get_settings
+from uncool_prefect.sources import (
+    DataError,
+    fetch_issues,
+    load_examples,
+    resolve_github_token,
+    snapshot_folder,
+    write_examples,
+    write_sample,
+)
+
+BLOCK = get_settings().block
+STORAGE = f"content-addressed-storage/{BLOCK}"
+FLOWS_DIR = Path(__file__).resolve().parent
+
+stage = functools.partial(
+    task, result_storage=STORAGE, persist_result=True,
+    cache_policy=ContentAware(), retries=0,
+)
+
+
+@functools.cache
+def _store() -> Any:
+    from uncool_prefect import ContentAddressedStorage
+
+    return ContentAddressedStorage.load(BLOCK).store
+
+
+def _rows_from_dataset(dataset: str, labels: list[str]) -> list[dict[str, str]]:
+    with tempfile.TemporaryDirectory(prefix="uncool-data-") as tmp:
+        folder = _store().get_dir(dataset, Path(tmp) / "data")
+        examples = load_examples(folder, labels)
+    return [{"id": e.id, "text": e.text, "label": e.label} for e in examples]
+
+
+@stage(name="get-data")
+def get_data(source: Path, labels: list[str]) -> dict[str, Any]:
+    """Validate a snapshot of the data and store it; its manifest hash is the data version."""
+    examples = load_examples(source, labels)  # raises a clear DataError on bad input
+    ref = _store().put_dir(source)
+    counts = Counter(e.label for e in examples)
+    get_run_logger().info("data version %s: %d examples %s", ref.name, len(examples), dict(counts))
+    return {"dataset": ref.name, "examples": len(examples), "label_counts": dict(sorted(counts.items()))}
+
+
+@stage(name="split")
+def split(dataset: str, labels: list[str], test_size: float, seed: int) -> dict[str, str]:
+    rows = _rows_from_dataset(dataset, labels)
+    train_rows, val_rows = labeler.split_rows(rows, test_size, seed)
+    store = _store()
+    return {
+        "train": store.put_bytes(labeler.rows_to_jsonl(train_rows)).oid,
+        "val": store.put_bytes(labeler.rows_to_jsonl(val_rows)).oid,
+    }
+
+
+@stage(name="train")
+def train(train_split: str, params: dict[str, Any], lineage: dict[str, str]) -> dict[str, Any]:
+    """Fit the model, store it by hash, and log it to MLflow."""
+    import mlflow
+    import mlflow.sklearn
+
+    rows = labeler.jsonl_to_rows(_store().get_bytes(train_split))
+    model = labeler.fit(rows, params)
+    model_ref = _store().put_bytes(labeler.dump_model(model))
+    tracking.configure(get_settings().home)
+    with mlflow.start_run(run_name=f"train-{model_ref.oid[:8]}") as run:
+        mlflow.log_params(dict(_flat(params)))
+        mlflow.set_tags({**lineage, "model_oid": model_ref.oid,
+                         "prefect_flow_run_id": str(flow_run.id or "")})
+        logged = mlflow.sklearn.log_model(
+            model, name="model",
+            pip_requirements=["scikit-learn", "numpy", "scipy"],
+        )
+    get_run_logger().info("model %s, MLflow run %s", model_ref.oid, run.info.run_id)
+    return {"model": model_ref.oid, "mlflow_run_id": run.info.run_id,
+            "mlflow_model_uri": logged.model_uri}
+
+
+@stage(name="evaluate")
+def evaluate(model: str, val_split: str, labels: list[str], mlflow_run_id: str) -> dict[str, Any]:
+    from mlflow import MlflowClient
+
+    fitted = labeler.load_model(_store().get_bytes(model))
+    rows = labeler.jsonl_to_rows(_store().get_bytes(val_split))
+    metrics, confusion = labeler.evaluate_model(fitted, rows, labels)
+    metrics_oid = _store().put_bytes(labeler.rows_to_jsonl([metrics])).oid  # type: ignore[list-item]
+    tracking.configure(get_settings().home)
+    client = MlflowClient()
+    for name, value in metrics.items():
+        client.log_metric(mlflow_run_id, name, value)
+    reports.publish_evaluation(metrics, confusion, labels)
+    return {"metrics": metrics, "confusion": confusion, "metrics_oid": metrics_oid}
+
+
+@stage(name="deploy")
+def deploy(trained: dict[str, Any], evaluated: dict[str, Any], deploy_params: dict[str, Any],
+           lineage: dict[str, str]) -> dict[str, Any]:
+    """Register a version; champion only if it beats the current one."""
+    tracking.configure(get_settings().home)
+    decision = tracking.register_and_gate(
+        model_name=deploy_params["model_name"],
+        run_id=trained["mlflow_run_id"],
+        model_uri=trained["mlflow_model_uri"],
+        metrics=evaluated["metrics"],
+        gate_metric=deploy_params["gate_metric"],
+        min_improvement=float(deploy_params["min_improvement"]),
+        # NOTE: the code hash is a tag, not an input: an edit elsewhere in
+        # the plugin must not register the same model again.
+        tags={**lineage, "code_hash": _code_hash(), "model_oid": trained["model"],
+              "prefect_flow_run_id": str(flow_run.id or "")},
+    )
+    summary = decision.__dict__
+    reports.publish_report(reports.report_markdown(
+        model_name=deploy_params["model_name"], decision=summary,
+        metrics=evaluated["metrics"], dataset=lineage["data_hash"], model_oid=trained["model"],
+        params_hash=lineage["params_hash"], mlflow_run_id=trained["mlflow_run_id"],
+    ))
+    get_run_logger().info("v%s: %s", decision.version, decision.reason)
+    return summary
+
+
+def materialize_source(data: dict[str, Any]) -> Path:
+    """A local folder holding the data the params point at (not a stage: no caching).
+
+    The sample is generated once per (seed, days); a local folder is used in
+    place; a bucket or the GitHub API is copied into ``<UNCOOL_HOME>/data``.
+    Whatever it is, get-data hashes its content, so only a real change re-runs.
+    """
+    home = get_settings().home.absolute() / "data"
+    labels = list(data["labels"])
+    kind = data.get("source")
+    if kind == "sample":
+        sample = data["sample"]
+        dest = home / f"sample-seed{sample['seed']}-days{sample['days']}"
+        done = dest.with_name(dest.name + ".complete")
+        if not done.exists():
+            write_sample(dest, int(sample["days"]), seed=int(sample["seed"]), labels=labels)
+            done.touch()
+        return dest
+    if kind == "folder":
+        url = data["folder"].get("url")
+        if not url:
+            raise DataError("data.source is folder but data.folder.url is empty; "
+                            "set it, e.g. -S data.folder.url=data/issues")
+        return snapshot_folder(str(url), home / "snapshot")
+    if kind == "github":
+        github = data["github"]
+        examples = fetch_issues(
+            github["repo"], labels, since=github.get("since"), until=github.get("until"),
+            token=resolve_github_token(github.get("token_secret")),
+        )
+        dest = home / "github" / str(github["repo"]).replace("/", "__")
+        write_examples(examples, dest)
+        return dest
+    raise DataError(f"data.source {kind!r} is unknown; choose sample, folder or github")
+
+
+def _code_hash() -> str:
+    """Hash of the pipeline's code: the flows and the plugin's modules."""
+    import hashlib
+
+    import uncool_prefect
+
+    digest = hashlib.sha256()
+    for root in (FLOWS_DIR, Path(uncool_prefect.__file__).parent):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _flat(params: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    from uncool_prefect.params import flatten
+
+    return list(flatten(params, prefix))
+
+
+@flow(name="train-evaluate-deploy", log_prints=True)
+def train_evaluate_deploy(params: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """The whole pipeline on one data snapshot.
+
+    Args:
+        params: The resolved params.yaml (see `uncool run -S`).
+        source: A local data folder; by default the one ``params["data"]`` names.
+    """
+    from uncool_prefect.params import params_hash
+
+    if source is None:
+        source = str(materialize_source(params["data"]))
+    labels = list(params["data"]["labels"])
+    data = get_data(Path(source), labels)
+    splits = split(data["dataset"], labels, float(params["split"]["test_size"]),
+                   int(params["split"]["seed"]))
+    # NOTE: each stage gets only what it depends on, so that its cache key
+    # changes with those inputs and nothing else (a deploy setting must not
+    # retrain the model).
+    trained = train(splits["train"], params["train"], {"data_hash": data["dataset"]})
+    evaluated = evaluate(trained["model"], splits["val"], labels, trained["mlflow_run_id"])
+    lineage = {"data_hash": data["dataset"], "params_hash": params_hash(params)}
+    decision = deploy(trained, evaluated, params["deploy"], lineage)
+    return {"data": data, "model": trained["model"], "metrics": evaluated["metrics"],
+            "decision": decision, "mlflow_run_id": trained["mlflow_run_id"]}

@@ -1,0 +1,121 @@
+"""``uncool run``: the pipeline, from params to a champion, against a real server.
+
+Finds the project (the folder holding ``flows/pipeline.py``), resolves params
+and ``-S`` overrides, finds or starts a Prefect server, makes sure the store
+block exists, runs the flow in this process, and reads the stage states back
+from the server to say what ran and what was Cached.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from . import server
+from .params import apply_overrides, load_params
+from .settings import get_settings
+
+PIPELINE = Path("flows") / "pipeline.py"
+PARAMS = Path("flows") / "params.yaml"
+STAGES = ("get-data", "split", "train", "evaluate", "deploy")
+
+
+def find_project(start: Path | None = None) -> Path:
+    here = (start or Path.cwd()).absolute()
+    for base in (here, *here.parents):
+        if (base / PIPELINE).exists():
+            return base
+    raise server.ServerError(
+        f"cannot find {PIPELINE} here or above; run uncool from the project folder"
+    )
+
+
+def load_pipeline(project: Path) -> ModuleType:
+    """Import flows/pipeline.py the way Prefect loads an entrypoint."""
+    flows_dir = str(project / "flows")
+    if flows_dir not in sys.path:
+        sys.path.insert(0, flows_dir)
+    spec = importlib.util.spec_from_file_location("uncool_pipeline", project / PIPELINE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def resolve_params(project: Path, params_file: Path | None, overrides: list[str]) -> dict[str, Any]:
+    return apply_overrides(load_params(params_file or project / PARAMS), overrides)
+
+
+def connect() -> server.ServerInfo:
+    """Use (or start) a Prefect server and point this process at it."""
+    info = server.ensure(get_settings().home)
+    os.environ["PREFECT_API_URL"] = info.api_url
+    return info
+
+
+def ensure_block(block_name: str) -> str:
+    """The store block the flows write to.
+
+    UNCOOL_STORE, when set, wins (the block is saved with it); otherwise an
+    existing block is used as it is, and a missing one is created on the
+    default store.
+    """
+    from prefect.exceptions import ObjectNotFound
+
+    from .blocks import ContentAddressedStorage
+
+    settings = get_settings()
+    try:
+        existing: str | None = ContentAddressedStorage.load(block_name).basepath
+    except (ValueError, ObjectNotFound):
+        existing = None
+    wanted = settings.store or (existing if existing else settings.store_url)
+    if wanted != existing:
+        ContentAddressedStorage(basepath=wanted).save(block_name, overwrite=True)
+    return wanted
+
+
+@dataclass
+class RunOutcome:
+    flow_run_id: str
+    result: dict[str, Any]
+    stage_states: dict[str, str]
+
+    @property
+    def all_cached(self) -> bool:
+        return bool(self.stage_states) and all(s == "Cached" for s in self.stage_states.values())
+
+
+def stage_states(flow_run_id: str) -> dict[str, str]:
+    """Each stage's final state name, as the server recorded it."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    states = {run.name.rsplit("-", 1)[0]: run.state.name for run in runs if run.state}
+    return {name: states[name] for name in STAGES if name in states}
+
+
+def run_pipeline(project: Path, params: dict[str, Any], api_url: str) -> RunOutcome:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # NOTE: Prefect read its settings when first imported; the environment
+    # alone would leave this process on an ephemeral server.
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        pipeline = load_pipeline(project)
+        ensure_block(pipeline.BLOCK)
+        source = pipeline.materialize_source(params["data"])
+        state = pipeline.train_evaluate_deploy(params=params, source=str(source),
+                                               return_state=True)
+        flow_run_id = str(state.state_details.flow_run_id)
+        result = state.result()  # raises the flow's error if it failed
+        return RunOutcome(flow_run_id, result, stage_states(flow_run_id))
