@@ -386,7 +386,6 @@ def _is_user_error(exc: BaseException) -> bool:
     """Errors whose message already says what to do: no traceback for those."""
     from .params import ParamsError
     from .server import ServerError
-
     from .sources import DataError
 
     return isinstance(exc, (ServerError, ParamsError, LookupError, DataError))

@@ -15,7 +15,7 @@ METRICS_KEY = "issue-labeler-metrics"
 
 
 def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _delta(value: float | None) -> str:
@@ -70,8 +70,8 @@ def publish_evaluation(
     )
     rows = []
     for label, counts in zip(labels, confusion, strict=True):
-        row: dict[str, Any] = {"true \\ predicted": label}
-        row.update({other: int(count) for other, count in zip(labels, counts, strict=True)})
+        row: dict[str, Any] = {"true label": label}
+        row.update({f"predicted {other}": int(count) for other, count in zip(labels, counts, strict=True)})
         rows.append(row)
     create_table_artifact(
         key=CONFUSION_KEY, table=rows,

@@ -19,6 +19,7 @@ from typing import Any
 from . import server
 from .params import apply_overrides, load_params
 from .settings import get_settings
+from .sources import load_examples
 
 PIPELINE = Path("flows") / "pipeline.py"
 PARAMS = Path("flows") / "params.yaml"
@@ -114,6 +115,8 @@ def run_pipeline(project: Path, params: dict[str, Any], api_url: str) -> RunOutc
         pipeline = load_pipeline(project)
         ensure_block(pipeline.BLOCK)
         source = pipeline.materialize_source(params["data"])
+        # Bad data fails here, with one clear line, before any stage starts.
+        load_examples(source, list(params["data"]["labels"]))
         state = pipeline.train_evaluate_deploy(params=params, source=str(source),
                                                return_state=True)
         flow_run_id = str(state.state_details.flow_run_id)

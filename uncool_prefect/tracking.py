@@ -37,7 +37,7 @@ def configure(home: Path) -> str:
         artifacts.mkdir(parents=True, exist_ok=True)
         try:
             mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri())
-        except Exception:  # noqa: BLE001 - another process created it first
+        except Exception:
             if mlflow.get_experiment_by_name(EXPERIMENT) is None:
                 raise
     mlflow.set_experiment(EXPERIMENT)

@@ -1,0 +1,219 @@
+"""The main job end to end: `uncool run` against a real server, MLflow on SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from uncool_prefect.sources import write_sample, write_sample_day
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+
+UNCOOL = str(Path(sys.executable).with_name("uncool"))
+PROJECT = Path(__file__).resolve().parents[1]
+STAGES = ["get-data", "split", "train", "evaluate", "deploy"]
+
+
+class Project:
+    """One isolated user: own UNCOOL_HOME (store, MLflow), own block, own data."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.home = root / "home"
+        self.data = root / "data"
+        self.env = {**os.environ, "UNCOOL_HOME": str(self.home), "UNCOOL_BLOCK": name,
+                    "UNCOOL_STORE": str(self.home / "store"), "COLUMNS": "200"}
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+
+    def uncool(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([UNCOOL, *args], capture_output=True, text=True, timeout=300,
+                              cwd=PROJECT, env=self.env)
+
+    def run(self, *overrides: str) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+        args = ["run", "-S", "data.source=folder", "-S", f"data.folder.url={self.data}"]
+        for override in overrides:
+            args += ["-S", override]
+        done = self.uncool(*args)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+        match = re.search(r"runs/flow-run/([0-9a-f-]{36})", done.stdout)
+        assert match, done.stdout
+        return done, task_states(match.group(1))
+
+    def model_versions(self) -> dict[str, dict[str, object]]:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{self.home / 'mlflow.db'}")
+        try:
+            versions = client.search_model_versions("name='issue-labeler'")
+        except Exception:  # noqa: BLE001 - no database yet: no versions
+            return {}
+        # NOTE: search results carry no aliases; get_model_version does.
+        full = [client.get_model_version("issue-labeler", v.version) for v in versions]
+        return {str(v.version): {"aliases": set(v.aliases), "tags": v.tags} for v in full}
+
+
+def task_states(flow_run_id: str) -> dict[str, str]:
+    """Stage -> final state, read back from the Prefect server."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs if run.state}
+
+
+@pytest.fixture
+def project(tmp_path: Path, request: pytest.FixtureRequest) -> Project:
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40]
+    proj = Project(tmp_path, name)
+    write_sample(proj.data, days=2, seed=3)
+    return proj
+
+
+def test_first_run_trains_a_champion_and_the_second_is_all_cached(project: Project) -> None:
+    first, states = project.run()
+    assert states == dict.fromkeys(STAGES, "Completed")
+    assert "first version of the model: it becomes champion" in first.stdout
+    prediction = json.loads(re.search(r"-> (\{.*\})", first.stdout).group(1))  # type: ignore[union-attr]
+    assert prediction["label"] in {"data-sync", "experiments", "plots"}
+    assert 0 < prediction["score"] <= 1
+    versions = project.model_versions()
+    assert list(versions) == ["1"] and "champion" in versions["1"]["aliases"]
+    tags = versions["1"]["tags"]
+    assert {"data_hash", "params_hash", "code_hash", "prefect_flow_run_id", "model_oid"} <= set(tags)
+    assert re.search(r"data version +" + re.escape(str(tags["data_hash"])), first.stdout)
+
+    second, states = project.run()
+    assert states == dict.fromkeys(STAGES, "Cached")
+    assert "every stage Cached" in second.stdout
+    assert list(project.model_versions()) == ["1"]  # nothing registered again
+
+    done = project.uncool("predict", "vega plot renders an empty axis")
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)) == {"label", "score"}
+
+    report = latest_artifact("issue-labeler-report")
+    assert "v1: promoted to **champion**" in str(report.data)
+    assert str(tags["data_hash"]) in str(report.data)
+    confusion = latest_artifact("issue-labeler-confusion")
+    assert "true label" in str(confusion.data) and "predicted plots" in str(confusion.data)
+
+
+def latest_artifact(key: str):  # type: ignore[no-untyped-def]
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+    assert found, f"no artifact {key!r} on the server"
+    return found[0]
+
+
+def test_a_train_change_reruns_exactly_train_evaluate_deploy(project: Project) -> None:
+    project.run()
+    _, states = project.run("train.C=0.5")
+    assert states == {"get-data": "Cached", "split": "Cached", "train": "Completed",
+                      "evaluate": "Completed", "deploy": "Completed"}
+    _, states = project.run("deploy.min_improvement=0.5")
+    assert states == {"get-data": "Cached", "split": "Cached", "train": "Cached",
+                      "evaluate": "Cached", "deploy": "Completed"}
+
+
+def test_new_data_reruns_every_stage(project: Project) -> None:
+    project.run()
+    write_sample_day(project.data, 3, seed=3)
+    _, states = project.run()
+    assert states == dict.fromkeys(STAGES, "Completed")
+
+
+def test_the_champion_is_replaced_only_by_a_better_model(project: Project) -> None:
+    weak = ("train.C=0.01", "train.tfidf.ngram_max=1")
+    project.run(*weak)
+    strong, _ = project.run("train.C=4.0")
+    assert "beats the champion" in strong.stdout
+    versions = project.model_versions()
+    assert "champion" in versions["2"]["aliases"] and "champion" not in versions["1"]["aliases"]
+
+    weaker, _ = project.run("train.C=0.02", "train.tfidf.ngram_max=1")
+    assert "does not beat the champion" in weaker.stdout
+    versions = project.model_versions()
+    assert "challenger" in versions["3"]["aliases"]
+    assert "champion" in versions["2"]["aliases"]
+    assert "does not beat" in str(versions["3"]["tags"]["decision"])
+
+
+def _bad_input_leaves_nothing(project: Project, done: subprocess.CompletedProcess[str],
+                              message: str) -> None:
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert message in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert project.model_versions() == {}
+    objects = project.home / "store" / "objects"
+    assert not objects.exists() or not any(p.is_file() for p in objects.rglob("*"))
+
+
+def _empty(data: Path) -> None:
+    data.mkdir(parents=True)
+
+
+def _single_class(data: Path) -> None:
+    (data / "plots").mkdir(parents=True)
+    for number in range(5):
+        (data / "plots" / f"{number}.txt").write_text(f"plot number {number} is blank\n")
+
+
+def _unknown_label(data: Path) -> None:
+    write_sample(data, days=1, seed=1)
+    (data / "docs").mkdir()
+    (data / "docs" / "1.txt").write_text("typo in the tutorial\n")
+
+
+def _non_utf8(data: Path) -> None:
+    write_sample(data, days=1, seed=1)
+    (data / "plots" / "broken.txt").write_bytes(b"\xff\xfe plot axis \xc3")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [(_empty, "dataset is empty"), (_single_class, "at least two"),
+     (_unknown_label, "'docs'"), (_non_utf8, "UTF-8")],
+    ids=["empty", "single-class", "unknown-label", "non-utf8"],
+)
+def test_bad_data_is_a_clear_error_and_nothing_is_registered(
+    tmp_path: Path, make: Callable[[Path], None], message: str
+) -> None:
+    project = Project(tmp_path, "bad-data")
+    make(project.data)
+    done = project.uncool("run", "-S", "data.source=folder", "-S", f"data.folder.url={project.data}")
+    _bad_input_leaves_nothing(project, done, message)
+
+
+def test_an_unreachable_url_is_a_clear_error(tmp_path: Path) -> None:
+    project = Project(tmp_path, "unreachable")
+    project.env.update({"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"})
+    done = project.uncool("run", "-S", "data.source=folder", "-S", "data.folder.url=s3://nowhere/issues")
+    _bad_input_leaves_nothing(project, done, "s3://nowhere/issues")
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("train.epochs=8", "unknown parameter 'train.epochs'"),
+     ("train.C=lots", "train.C expects a float"),
+     ("split.seed", "is not KEY=VALUE")],
+)
+def test_a_bad_override_names_the_fix(tmp_path: Path, override: str, message: str) -> None:
+    project = Project(tmp_path, "bad-override")
+    done = project.uncool("run", "-S", override)
+    _bad_input_leaves_nothing(project, done, message)
+    if "unknown" in message:
+        assert "train.C" in done.stderr  # the valid keys are listed
