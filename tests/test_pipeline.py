@@ -217,3 +217,35 @@ def test_a_bad_override_names_the_fix(tmp_path: Path, override: str, message: st
     _bad_input_leaves_nothing(project, done, message)
     if "unknown" in message:
         assert "train.C" in done.stderr  # the valid keys are listed
+
+
+def test_serve_answers_with_the_champion(project: Project) -> None:
+    import socket
+    import time
+    import urllib.request
+
+    project.run()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([UNCOOL, "serve", "--port", str(port)], cwd=PROJECT,
+                              env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        body = json.dumps({"inputs": ["dvc pull fails with my S3 remote"]}).encode()
+        deadline = time.monotonic() + 120
+        while True:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()[-3000:]  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "mlflow models serve did not answer in 120 s"
+                time.sleep(1)
+        assert answer["predictions"][0] in {"data-sync", "experiments", "plots"}
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

@@ -11,6 +11,7 @@ Every store command takes ``--basepath URL`` (default: ``UNCOOL_STORE``, else
 
 from __future__ import annotations
 
+import atexit
 import json
 import re
 import sys
@@ -318,7 +319,13 @@ def predict(text: str, /, *, model_name: str = "issue-labeler") -> None:
 
 @app.command
 def serve(*, port: int = 5001, model_name: str = "issue-labeler") -> int:
-    """Serve the champion with MLflow's scoring server (POST /invocations)."""
+    """Serve the champion with MLflow's scoring server (POST /invocations).
+
+    Runs `mlflow models serve --env-manager local` on 127.0.0.1 until stopped.
+    Try: curl -d '{"inputs": ["dvc pull fails"]}' -H 'Content-Type: application/json'
+    http://127.0.0.1:5001/invocations
+    """
+    import os
     import subprocess
 
     from . import tracking
@@ -330,9 +337,10 @@ def serve(*, port: int = 5001, model_name: str = "issue-labeler") -> int:
                "-m", f"models:/{model_name}@champion", "--env-manager", "local",
                "--host", "127.0.0.1", "--port", str(port)]
     err.print(f"serving models:/{model_name}@champion on http://127.0.0.1:{port}/invocations")
-    import os
-
-    return subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    # NOTE: MLflow starts `uvicorn` by name: the venv's bin must be on PATH even
+    # when uncool was started by its full path without activating the venv.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path})
 
 
 @app.command(name="sample-data")
@@ -370,6 +378,13 @@ def demo(*, runs: int = 2) -> int:
 
 def main() -> None:
     """Console entry point: store errors become one clear line and exit code 2."""
+    # NOTE: registered first, so it runs last at exit, after Prefect's and
+    # MLflow's flush handlers: the interpreter's final garbage collection over
+    # their modules (and scikit-learn's) then has nothing to scan, saving ~1 s
+    # per command. Python never promised to finalize objects left at exit.
+    import gc as gc_module  # `gc` is the store command here
+
+    atexit.register(gc_module.freeze)
     try:
         app()
     except StoreError as exc:
