@@ -14,7 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from . import server
 from .params import apply_overrides, load_params
@@ -73,7 +74,8 @@ def ensure_block(block_name: str) -> str:
 
     settings = get_settings()
     try:
-        existing: str | None = ContentAddressedStorage.load(block_name).basepath
+        block = cast(ContentAddressedStorage, ContentAddressedStorage.load(block_name))
+        existing: str | None = block.basepath
     except (ValueError, ObjectNotFound):
         existing = None
     wanted = settings.store or (existing if existing else settings.store_url)
@@ -100,9 +102,9 @@ def stage_states(flow_run_id: str) -> dict[str, str]:
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
         )
-    states = {run.name.rsplit("-", 1)[0]: run.state.name for run in runs if run.state}
+    states = {run.name.rsplit("-", 1)[0]: str(run.state.name) for run in runs if run.state}
     return {name: states[name] for name in STAGES if name in states}
 
 
