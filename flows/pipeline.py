@@ -175,6 +175,7 @@ def materialize_source(data: dict[str, Any]) -> Path:
         examples = fetch_issues(
             github["repo"], labels, since=github.get("since"), until=github.get("until"),
             token=resolve_github_token(github.get("token_secret")),
+            api_url=github.get("api_url") or "https://api.github.com",
         )
         dest = home / "github" / str(github["repo"]).replace("/", "__")
         write_examples(examples, dest)

@@ -249,3 +249,56 @@ def test_serve_answers_with_the_champion(project: Project) -> None:
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_the_github_source_against_a_fake_api(project: Project) -> None:
+    """Issues come from a loopback server in the API's shape, three pages of them."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import parse_qs, urlparse
+
+    from uncool_prefect.sources import load_examples
+
+    examples = load_examples(project.data)
+    issues = [
+        {"number": n + 1, "title": e.text, "labels": [{"name": e.label}],
+         "created_at": "2024-03-01T00:00:00Z", "updated_at": "2024-03-01T00:00:00Z"}
+        for n, e in enumerate(examples)
+    ]
+    issues.append({"number": 9999, "title": "a pull request", "labels": [{"name": "plots"}],
+                   "pull_request": {}, "created_at": "2024-03-01T00:00:00Z"})
+    pages = [issues[i::3] for i in range(3)]
+    seen_auth: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            seen_auth.append(self.headers.get("Authorization", ""))
+            query = parse_qs(urlparse(self.path).query)
+            page = int(query.get("page", ["1"])[0])
+            body = json.dumps(pages[page - 1]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            if page < len(pages):
+                base = f"http://127.0.0.1:{self.server.server_port}"  # type: ignore[attr-defined]
+                self.send_header("Link", f'<{base}/repos/iterative/dvc/issues?page={page + 1}>; '
+                                 'rel="next"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    project.env["GITHUB_TOKEN"] = "ghp_test_token_never_printed"
+    try:
+        args = ["run", "-S", "data.source=github", "-S", "data.github.since=2024-01-01",
+                "-S", f"data.github.api_url=http://127.0.0.1:{server.server_port}"]
+        done = project.uncool(*args)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"({len(examples)} examples)" in done.stdout  # the PR was skipped
+    assert seen_auth and all(a == "Bearer ghp_test_token_never_printed" for a in seen_auth)
+    assert "ghp_test_token_never_printed" not in done.stdout + done.stderr

@@ -65,10 +65,14 @@ def apply_overrides(params: dict[str, Any], overrides: Iterable[str]) -> dict[st
             raise ParamsError(
                 f"unknown parameter {key!r}; valid keys: {', '.join(sorted(valid))}"
             )
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"cannot read the value of {key}: {raw!r} ({exc})") from exc
+        if isinstance(valid[key], str) and raw.strip() not in ("null", "~", ""):
+            # NOTE: a string stays a string: YAML would turn 2024-01-01 into a date.
+            value: Any = raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError as exc:
+                raise ParamsError(f"cannot read the value of {key}: {raw!r} ({exc})") from exc
         if isinstance(valid[key], float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not _type_ok(valid[key], value):
