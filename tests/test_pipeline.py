@@ -274,7 +274,7 @@ def test_the_github_source_against_a_fake_api(project: Project) -> None:
         def log_message(self, *args: object) -> None:
             pass
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             seen_auth.append(self.headers.get("Authorization", ""))
             query = parse_qs(urlparse(self.path).query)
             page = int(query.get("page", ["1"])[0])
