@@ -136,3 +136,23 @@ def test_aws_credentials_reach_s3fs(tmp_path: Path) -> None:
     assert options["key"] == "AKIA" and options["secret"] == "s3cr3t"
     assert options["client_kwargs"] == {"region_name": "eu-west-1",
                                         "endpoint_url": "http://127.0.0.1:9"}
+
+
+def test_objects_named_inside_a_result_survive_gc(block: ContentAddressedStorage, tmp_path: Path) -> None:
+    """A stage returns a dataset id; gc must keep the dataset, not just the result."""
+    from prefect.serializers import PickleSerializer
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.txt").write_text("issue title")
+    dataset = block.store.put_dir(data)
+    unrelated = block.store.put_bytes(b"garbage")
+    value = {"dataset": dataset.name, "examples": 1}
+    pickled = PickleSerializer().dumps(value).decode()
+    record = json.loads(_record(pickled, "k"))
+    record["metadata"]["serializer"] = {"type": "pickle", "picklelib": "cloudpickle"}
+    block.write_path("k", json.dumps(record).encode(), _sync=True)
+
+    report = block.store.gc(grace=0)
+    assert report.removed == [unrelated.oid]
+    assert block.store.get_dir(dataset.name, tmp_path / "out").joinpath("a.txt").exists()

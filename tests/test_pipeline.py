@@ -96,6 +96,12 @@ def test_first_run_trains_a_champion_and_the_second_is_all_cached(project: Proje
     assert "every stage Cached" in second.stdout
     assert list(project.model_versions()) == ["1"]  # nothing registered again
 
+    # gc keeps what the run produced: the data snapshot, splits and model are
+    # named inside stage results, and those names are gc roots too.
+    gc = project.uncool("store", "gc", "--grace", "0")
+    assert gc.returncode == 0 and "removed 0 object(s)" in gc.stdout, gc.stdout + gc.stderr
+    assert project.uncool("store", "verify").returncode == 0
+
     done = project.uncool("predict", "vega plot renders an empty axis")
     assert done.returncode == 0, done.stderr
     assert set(json.loads(done.stdout)) == {"label", "score"}

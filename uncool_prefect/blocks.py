@@ -10,6 +10,9 @@ the same base URL is stored once, and every read is verified against its hash.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import json
 from typing import Any, Literal
 
@@ -21,6 +24,7 @@ from prefect_aws import AwsCredentials
 from pydantic import Field, PrivateAttr
 
 from .store import ObjectStore, StoreError, validate_relpath
+from .store.gc import find_object_ids
 
 _RECORD_KEYS = {"metadata", "result"}
 
@@ -133,12 +137,13 @@ class ContentAddressedStorage(WritableFileSystem):
         if record is None:
             ref = self.store.put_bytes(content)
             kind = "metadata" if _is_metadata_for(content, key) else "value"
-            self.store.set_ref(key, ref, kind=kind, **_run_context())
+            self.store.set_ref(key, ref, kind=kind, links=_linked_objects(content),
+                               **_run_context())
         else:
             metadata, serialized = record
             ref = self.store.put_bytes(serialized)
             self.store.set_ref(key, ref, kind="record", record_metadata=metadata,
-                               **_run_context())
+                               links=_linked_objects(serialized), **_run_context())
         return key
 
     def _holds_value(self, key: str) -> bool:
@@ -175,6 +180,18 @@ class ContentAddressedStorage(WritableFileSystem):
     def write_path(self, path: str, content: bytes) -> str:  # type: ignore[override]
         """Store ``content`` by its hash and point ``refs/<path>`` at it."""
         return self._write(path, content)
+
+
+def _linked_objects(serialized: bytes) -> list[str]:
+    """Object ids a result names (e.g. a stage returning a dataset id), for gc.
+
+    Prefect's pickle serializer base64-encodes, so the decoded bytes are
+    searched too; pickle keeps strings as plain UTF-8.
+    """
+    found = find_object_ids(serialized)
+    with contextlib.suppress(binascii.Error, ValueError):
+        found |= find_object_ids(base64.b64decode(serialized))
+    return sorted(found)
 
 
 def _split_result_record(content: bytes) -> tuple[dict[str, Any], bytes] | None:

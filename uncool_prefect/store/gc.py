@@ -30,6 +30,12 @@ if TYPE_CHECKING:
     from .objects import ObjectStore
 
 _OID_IN_TEXT = re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?:\.dir)?(?![0-9a-f])")
+_OID_IN_BYTES = re.compile(rb"(?<![0-9a-f])[0-9a-f]{64}(?:\.dir)?(?![0-9a-f])")
+
+
+def find_object_ids(data: bytes) -> set[str]:
+    """Every object id written out in ``data`` (JSON, pickle, plain text)."""
+    return {match.decode("ascii") for match in _OID_IN_BYTES.findall(data)}
 
 
 @dataclass
@@ -50,6 +56,8 @@ def _roots(store: ObjectStore, keep: Iterable[str]) -> set[str]:
         roots.add(digest + (DIR_SUFFIX if is_dir else ""))
     for _key, document in store.iter_refs():
         roots.add(document["oid"])
+        # A result that names other objects (a dataset id, a model id) keeps them.
+        roots.update(document.get("links", ()))
     for _rel, data in store.iter_run_records():
         # NOTE: run records are free-form JSON (see lineage); any object id in
         # them is a root. Scanning the text keeps gc independent of their schema.
