@@ -288,10 +288,14 @@ def run(
     metrics = result["metrics"]
     out.print(f"metrics       accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
     decision = result["decision"]
+    when = " (deploy Cached: decided when it last ran)" if (
+        outcome.stage_states.get("deploy") == "Cached") else ""
     out.print(f"model         {resolved['deploy']['model_name']} v{decision['version']}: "
-              f"{decision['reason']}")
+              f"{decision['reason']}{when}")
     tracking.configure(get_settings().home)
-    model, version = tracking.load_champion(resolved["deploy"]["model_name"])
+    model, version = tracking.load_champion(
+        resolved["deploy"]["model_name"], store=ObjectStore(outcome.store_url)
+    )
     prediction = tracking.predict_label(model, SAMPLE_TITLE)
     out.print(f"champion      v{version}; predict({SAMPLE_TITLE!r}) -> {json.dumps(prediction)}")
     if outcome.all_cached:
@@ -313,7 +317,7 @@ def predict(text: str, /, *, model_name: str = "issue-labeler") -> None:
     from . import tracking
 
     tracking.configure(get_settings().home)
-    model, _version = tracking.load_champion(model_name)
+    model, _version = tracking.load_champion(model_name, store=_open_store(None))
     out.print(json.dumps(tracking.predict_label(model, text)))
 
 

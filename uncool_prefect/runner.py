@@ -89,6 +89,7 @@ class RunOutcome:
     flow_run_id: str
     result: dict[str, Any]
     stage_states: dict[str, str]
+    store_url: str
 
     @property
     def all_cached(self) -> bool:
@@ -115,7 +116,7 @@ def run_pipeline(project: Path, params: dict[str, Any], api_url: str) -> RunOutc
     # alone would leave this process on an ephemeral server.
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
         pipeline = load_pipeline(project)
-        ensure_block(pipeline.BLOCK)
+        store_url = ensure_block(pipeline.BLOCK)
         source = pipeline.materialize_source(params["data"])
         # Bad data fails here, with one clear line, before any stage starts.
         load_examples(source, list(params["data"]["labels"]))
@@ -123,4 +124,4 @@ def run_pipeline(project: Path, params: dict[str, Any], api_url: str) -> RunOutc
                                                return_state=True)
         flow_run_id = str(state.state_details.flow_run_id)
         result = state.result()  # raises the flow's error if it failed
-        return RunOutcome(flow_run_id, result, stage_states(flow_run_id))
+        return RunOutcome(flow_run_id, result, stage_states(flow_run_id), store_url)
