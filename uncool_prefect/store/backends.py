@@ -604,7 +604,8 @@ class FsspecBackend:
 
     def read_bytes(self, rel: str) -> bytes:
         with self._errors(rel, reading=True):
-            return self.fs.cat_file(self._path(rel))  # type: ignore[no-any-return]
+            data: bytes = self.fs.cat_file(self._path(rel))
+            return data
 
     def list(self, prefix: str) -> Iterator[tuple[str, FileStat]]:
         base = self._path(prefix)

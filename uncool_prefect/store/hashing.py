@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .errors import InvalidKeyError, StoreError
 from .keys import validate_relpath
@@ -48,7 +48,7 @@ def new_hasher(algorithm: str) -> Hasher:
 
         # NOTE: blake3 hashes large buffers on several threads; worth it for
         # the 1 MiB chunks we feed it.
-        return blake3(max_threads=blake3.AUTO)  # type: ignore[no-any-return]
+        return cast(Hasher, blake3(max_threads=blake3.AUTO))
     raise StoreError(
         f"unknown hash algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}"
     )

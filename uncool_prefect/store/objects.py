@@ -475,13 +475,16 @@ class ObjectStore:
     def _put_dir_remote(self, root: Path, files: list[tuple[str, os.stat_result]],
                         keys: dict[str, str], cached: dict[str, str],
                         callback: Callback) -> _DirPlan:
+        backend = self.backend
+        assert isinstance(backend, FsspecBackend)
+
         def one(item: tuple[str, os.stat_result]) -> ManifestEntry:
             rel, st = item
             oid = cached.get(keys[rel])
             if oid is None:
                 oid, _ = hash_file(root / rel, self.algorithm)
-            if not self.backend.freshen(self._rel(oid)):
-                self.backend.put_local_file(root / rel, self._rel(oid))
+            if not backend.freshen(self._rel(oid)):
+                backend.put_local_file(root / rel, self._rel(oid))
             callback.relative_update(st.st_size)
             return ManifestEntry(rel, oid, st.st_size)
 
