@@ -81,8 +81,13 @@ def split(dataset: str, labels: list[str], test_size: float, seed: int) -> dict[
 
 
 @stage(name="train")
-def train(train_split: str, params: dict[str, Any], lineage: dict[str, str]) -> dict[str, Any]:
-    """Fit the model, store it by hash, and log it to MLflow."""
+def train(train_split: str, params: dict[str, Any], lineage: dict[str, str],
+          tracking_uri: str) -> dict[str, Any]:
+    """Fit the model, store it by hash, and log it to MLflow at ``tracking_uri``.
+
+    The tracking URI is an input because the result names an MLflow run: a
+    result cached against another MLflow store would name a run it lacks.
+    """
     import mlflow
     import mlflow.sklearn
 
@@ -222,7 +227,8 @@ def train_evaluate_deploy(params: dict[str, Any], source: str | None = None) -> 
     # NOTE: each stage gets only what it depends on, so that its cache key
     # changes with those inputs and nothing else (a deploy setting must not
     # retrain the model).
-    trained = train(splits["train"], params["train"], {"data_hash": data["dataset"]})
+    trained = train(splits["train"], params["train"], {"data_hash": data["dataset"]},
+                    tracking.tracking_uri(get_settings().home))
     evaluated = evaluate(trained["model"], splits["val"], labels, trained["mlflow_run_id"])
     lineage = {"data_hash": data["dataset"], "params_hash": params_hash(params)}
     decision = deploy(trained, evaluated, params["deploy"], lineage)

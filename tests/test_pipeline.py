@@ -308,3 +308,16 @@ def test_the_github_source_against_a_fake_api(project: Project) -> None:
     assert f"({len(examples)} examples)" in done.stdout  # the PR was skipped
     assert seen_auth and all(a == "Bearer ghp_test_token_never_printed" for a in seen_auth)
     assert "ghp_test_token_never_printed" not in done.stdout + done.stderr
+
+
+def test_two_projects_on_one_server_keep_their_own_results(tmp_path: Path) -> None:
+    """The block is shared on the server; the store and MLflow are per project."""
+    first, second = Project(tmp_path / "a", "shared"), Project(tmp_path / "b", "shared")
+    for project in (first, second):
+        project.env.pop("UNCOOL_STORE")  # the default: <UNCOOL_HOME>/store
+        write_sample(project.data, days=2, seed=5)
+    first.run()
+    _, states = second.run()
+    assert states == dict.fromkeys(STAGES, "Completed")
+    assert list(second.model_versions()) == ["1"]
+    assert (second.home / "store" / "refs").is_dir()

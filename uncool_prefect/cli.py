@@ -262,6 +262,8 @@ def run(
                   "(repeatable; the key must exist in params.yaml)."),
     ] = (),
     params: Annotated[Path | None, Parameter(help="Params file (default flows/params.yaml).")] = None,
+    force: Annotated[bool, Parameter(help="Re-run every stage, ignoring the cache "
+                                          "(like dvc repro --force).")] = False,
 ) -> int:
     """The main job: get-data -> split -> train -> evaluate -> deploy.
 
@@ -276,7 +278,7 @@ def run(
     resolved = runner.resolve_params(project, params, list(set_))
     info = runner.connect()
     out.print(f"Prefect server: {info.ui_url}")
-    outcome = runner.run_pipeline(project, resolved, info.api_url)
+    outcome = runner.run_pipeline(project, resolved, info.api_url, force=force)
     result = outcome.result
     table = Table(title="stages", show_header=True)
     table.add_column("stage")

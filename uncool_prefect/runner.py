@@ -62,23 +62,23 @@ def connect() -> server.ServerInfo:
 
 
 def ensure_block(block_name: str) -> str:
-    """The store block the flows write to.
+    """Point the store block the flows write to at this project's store.
 
-    UNCOOL_STORE, when set, wins (the block is saved with it); otherwise an
-    existing block is used as it is, and a missing one is created on the
-    default store.
+    The block lives on the (often shared) Prefect server while the store and
+    MLflow live in the project folder; a block left pointing at another
+    project's store would hand this project cached results whose MLflow runs
+    it does not have.
     """
     from prefect.exceptions import ObjectNotFound
 
     from .blocks import ContentAddressedStorage
 
-    settings = get_settings()
+    wanted = get_settings().store_url
     try:
         block = cast(ContentAddressedStorage, ContentAddressedStorage.load(block_name))
         existing: str | None = block.basepath
     except (ValueError, ObjectNotFound):
         existing = None
-    wanted = settings.store or (existing if existing else settings.store_url)
     if wanted != existing:
         ContentAddressedStorage(basepath=wanted).save(block_name, overwrite=True)
     return wanted
@@ -109,12 +109,18 @@ def stage_states(flow_run_id: str) -> dict[str, str]:
     return {name: states[name] for name in STAGES if name in states}
 
 
-def run_pipeline(project: Path, params: dict[str, Any], api_url: str) -> RunOutcome:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def run_pipeline(project: Path, params: dict[str, Any], api_url: str,
+                 force: bool = False) -> RunOutcome:
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_TASKS_REFRESH_CACHE,
+        temporary_settings,
+    )
 
     # NOTE: Prefect read its settings when first imported; the environment
     # alone would leave this process on an ephemeral server.
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+    updates = {PREFECT_API_URL: api_url, PREFECT_TASKS_REFRESH_CACHE: force}
+    with temporary_settings(updates=updates):
         pipeline = load_pipeline(project)
         store_url = ensure_block(pipeline.BLOCK)
         source = pipeline.materialize_source(params["data"])
