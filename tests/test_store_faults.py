@@ -449,7 +449,7 @@ def test_disk_full_is_a_store_full_error_and_the_store_stays_usable(
 
 # -- 5. a 2 GiB file in bounded memory -----------------------------------------
 _BIG_FILE = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from uncool_prefect.store import ObjectStore
 
@@ -458,16 +458,27 @@ store = ObjectStore(root, state_dir=state)
 Path(warm).write_bytes(b"warm up")
 store.get_file(store.put_file(warm).oid, dest + ".warm")  # load everything lazy first
 
-def peak_kib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+def status_kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
 
-before = peak_kib()
+def reset_peak():
+    # NOTE: ru_maxrss would not do: a child starts with its parent's peak
+    # (pytest's, hundreds of MiB), hiding any growth below it. Writing 5 to
+    # clear_refs resets this process's own peak (VmHWM) to its current RSS.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_kib("VmRSS")
+
+before_put = reset_peak()
 ref = store.put_file(source)
-after_put = peak_kib()
+after_put = status_kib("VmHWM")
+before_get = reset_peak()
 store.get_file(ref.oid, dest)
-after_get = peak_kib()
-print(json.dumps({"oid": ref.oid, "size": ref.size, "before": before,
-                  "after_put": after_put, "after_get": after_get}))
+after_get = status_kib("VmHWM")
+print(json.dumps({"oid": ref.oid, "size": ref.size, "put_growth_kib": after_put - before_put,
+                  "get_growth_kib": after_get - before_get}))
 """
 
 
@@ -488,8 +499,8 @@ def test_a_2_gib_file_streams_in_and_out_in_bounded_memory(tmp_path: Path) -> No
                              str(dest), str(tmp_path / "warm.txt"), timeout=300)
         assert result["size"] == size
         assert result["oid"] == _sha256_file(source)
-        growth_put = (int(str(result["after_put"])) - int(str(result["before"]))) * 1024
-        growth_get = (int(str(result["after_get"])) - int(str(result["before"]))) * 1024
+        growth_put = int(str(result["put_growth_kib"])) * 1024
+        growth_get = int(str(result["get_growth_kib"])) * 1024
         assert growth_put < 64 * MiB, f"put_file grew the peak RSS by {growth_put / MiB:.1f} MiB"
         assert growth_get < 64 * MiB, f"get_file grew the peak RSS by {growth_get / MiB:.1f} MiB"
         assert dest.stat().st_size == size
