@@ -194,16 +194,22 @@ def _linked_objects(serialized: bytes) -> list[str]:
     return sorted(found)
 
 
-def _split_result_record(content: bytes) -> tuple[dict[str, Any], bytes] | None:
-    """Return (metadata, serialized result) if ``content`` is a ResultRecord."""
-    if not content.startswith(b"{") or b'"metadata"' not in content:
+def _json_object(content: bytes, marker: bytes) -> dict[str, Any] | None:
+    """``content`` as a JSON object, if it is one that mentions ``marker``."""
+    if not content.startswith(b"{") or marker not in content:
         return None
     try:
         document = json.loads(content)
     except ValueError:
         return None
+    return document if isinstance(document, dict) else None
+
+
+def _split_result_record(content: bytes) -> tuple[dict[str, Any], bytes] | None:
+    """Return (metadata, serialized result) if ``content`` is a ResultRecord."""
+    document = _json_object(content, b'"metadata"')
     if (
-        isinstance(document, dict)
+        document is not None
         and document.keys() == _RECORD_KEYS
         and isinstance(document["metadata"], dict)
         and isinstance(document["result"], str)
@@ -218,14 +224,9 @@ _METADATA_KEYS = {"storage_key", "expiration", "serializer", "prefect_version", 
 
 def _is_metadata_for(content: bytes, key: str) -> bool:
     """True if ``content`` is the ResultRecordMetadata of the result stored at ``key``."""
-    if not content.startswith(b"{") or b'"storage_key"' not in content:
-        return False
-    try:
-        document = json.loads(content)
-    except ValueError:
-        return False
+    document = _json_object(content, b'"storage_key"')
     return (
-        isinstance(document, dict)
+        document is not None
         and document.keys() == _METADATA_KEYS
         and document.get("storage_key") == key
     )

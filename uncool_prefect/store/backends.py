@@ -322,19 +322,14 @@ class LocalBackend:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         return path, fd
 
-    def new_temp(self) -> tuple[Path, int]:
-        """Create an exclusive temp file next to the objects; return (path, fd)."""
-        path, fd = self._new_temp()
-        return Path(path), fd
-
-    def write_temp_bytes(self, data: bytes | memoryview, *, durable: bool = True) -> str:
-        """Write ``data`` to a new read-only temp file; return its path."""
+    @contextlib.contextmanager
+    def _temp_file(self, durable: bool) -> Iterator[tuple[str, int]]:
+        """A new temp file to fill: made read-only (and fsynced if ``durable``)
+        when the block ends, removed if anything in it fails."""
         path, fd = self._new_temp()
         try:
             with _local_errors(path):
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                yield path, fd
                 os.fchmod(fd, 0o444)
                 if durable:
                     os.fsync(fd)
@@ -344,6 +339,13 @@ class LocalBackend:
                 os.unlink(path)
             raise
         os.close(fd)
+
+    def write_temp_bytes(self, data: bytes | memoryview, *, durable: bool = True) -> str:
+        """Write ``data`` to a new read-only temp file; return its path."""
+        with self._temp_file(durable) as (path, fd):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
         return path
 
     def copy_to_temp(
@@ -364,20 +366,9 @@ class LocalBackend:
         file (read-only, fsynced if ``durable``) and its size; removes it if
         anything fails.
         """
-        path, fd = self._new_temp()
-        try:
-            with _local_errors(path):
-                size = _copy_pipelined(source, fd, digest, progress,
-                                       direct=size_hint >= DIRECT_MIN_SIZE)
-                os.fchmod(fd, 0o444)
-                if durable:
-                    os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        os.close(fd)
+        with self._temp_file(durable) as (path, fd):
+            size = _copy_pipelined(source, fd, digest, progress,
+                                   direct=size_hint >= DIRECT_MIN_SIZE)
         return Path(path), size
 
     def write_temp(
@@ -390,25 +381,14 @@ class LocalBackend:
 
         The temp file is removed if anything fails, including the iterator.
         """
-        path, fd = self._new_temp()
         written = 0
-        try:
-            with _local_errors(path):
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
-                        written += n
-                os.fchmod(fd, 0o444)
-                if durable:
-                    os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        os.close(fd)
+        with self._temp_file(durable) as (path, fd):
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                    written += n
         return Path(path), written
 
     def commit(self, temp: str | os.PathLike[str], rel: str, *, durable: bool = True) -> bool:
@@ -443,7 +423,7 @@ class LocalBackend:
             _syncfs(self.root)
 
     def write_bytes(self, rel: str, data: bytes, *, overwrite: bool = False) -> bool:
-        temp, _ = self.write_temp(iter([data]))
+        temp = Path(self.write_temp_bytes(data))
         if overwrite:
             final = self.root / rel
             with _local_errors(str(final)):
