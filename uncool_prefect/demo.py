@@ -11,26 +11,17 @@ from pathlib import Path
 from rich.console import Console
 
 from . import server
+from .runner import find_project
 from .settings import get_settings
 
 DEMO_BLOCK = "uncool-demo"
 DEMO_FLOW = Path("flows") / "store_demo.py"
 
 
-def _find_demo_flow() -> Path:
-    for base in (Path.cwd(), *Path.cwd().parents):
-        candidate = base / DEMO_FLOW
-        if candidate.exists():
-            return candidate
-    raise server.ServerError(
-        f"cannot find {DEMO_FLOW}; run `uncool demo` from the uncool-prefect project folder"
-    )
-
-
 def run_demo(runs: int = 2, console: Console | None = None) -> int:
     console = console or Console()
     settings = get_settings()
-    flow_file = _find_demo_flow()
+    flow_file = find_project(DEMO_FLOW) / DEMO_FLOW
     info = server.ensure(settings.home)
     started = " (started in the background; `uncool server stop` stops it)" if info.pid else ""
     console.print(f"Prefect server: {info.ui_url}{started}")

@@ -27,13 +27,14 @@ PARAMS = Path("flows") / "params.yaml"
 STAGES = ("get-data", "split", "train", "evaluate", "deploy")
 
 
-def find_project(start: Path | None = None) -> Path:
+def find_project(marker: Path = PIPELINE, start: Path | None = None) -> Path:
+    """The folder at or above ``start`` that holds ``marker`` (flows/pipeline.py)."""
     here = (start or Path.cwd()).absolute()
     for base in (here, *here.parents):
-        if (base / PIPELINE).exists():
+        if (base / marker).exists():
             return base
     raise server.ServerError(
-        f"cannot find {PIPELINE} here or above; run uncool from the project folder"
+        f"cannot find {marker} here or above; run uncool from the project folder"
     )
 
 
