@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from prefect.runtime import flow_run
 
 from uncool_prefect import reports, tracking
 from uncool_prefect.caching import ContentAware
+from uncool_prefect.lineage import build_record, run_trigger, snapshot_code, snapshot_environment
 from uncool_prefect.settings import get_settings
 from uncool_prefect.sources import (
     DataError,
@@ -138,7 +140,8 @@ def deploy(trained: dict[str, Any], evaluated: dict[str, Any], deploy_params: di
         min_improvement=float(deploy_params["min_improvement"]),
         # NOTE: the code hash is a tag, not an input: an edit elsewhere in
         # the plugin must not register the same model again.
-        tags={**lineage, "code_hash": _code_hash(), "model_oid": trained["model"],
+        tags={**lineage, "code_hash": snapshot_code(_store(), _code_roots())["snapshot"],
+              "model_oid": trained["model"],
               "prefect_flow_run_id": str(flow_run.id or "")},
     )
     summary = decision.__dict__
@@ -188,18 +191,10 @@ def materialize_source(data: dict[str, Any]) -> Path:
     raise DataError(f"data.source {kind!r} is unknown; choose sample, folder or github")
 
 
-def _code_hash() -> str:
-    """Hash of the pipeline's code: the flows and the plugin's modules."""
-    import hashlib
-
+def _code_roots() -> dict[str, Path]:
     import uncool_prefect
 
-    digest = hashlib.sha256()
-    for root in (FLOWS_DIR, Path(uncool_prefect.__file__).parent):
-        for path in sorted(root.rglob("*.py")):
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return {"flows": FLOWS_DIR, "uncool_prefect": Path(uncool_prefect.__file__).parent}
 
 
 def _flat(params: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -218,19 +213,47 @@ def train_evaluate_deploy(params: dict[str, Any], source: str | None = None) -> 
     """
     from uncool_prefect.params import params_hash
 
+    started = time.time()
     if source is None:
         source = str(materialize_source(params["data"]))
     labels = list(params["data"]["labels"])
-    data = get_data(Path(source), labels)
-    splits = split(data["dataset"], labels, float(params["split"]["test_size"]),
-                   int(params["split"]["seed"]))
+    states: dict[str, str] = {}
+
+    def run(stage_task: Any, *args: Any) -> Any:
+        state = stage_task(*args, return_state=True)
+        states[stage_task.name] = state.name
+        return state.result()  # a failed stage fails the flow here
+
+    data = run(get_data, Path(source), labels)
+    splits = run(split, data["dataset"], labels, float(params["split"]["test_size"]),
+                 int(params["split"]["seed"]))
     # NOTE: each stage gets only what it depends on, so that its cache key
     # changes with those inputs and nothing else (a deploy setting must not
     # retrain the model).
-    trained = train(splits["train"], params["train"], {"data_hash": data["dataset"]},
-                    tracking.tracking_uri(get_settings().home))
-    evaluated = evaluate(trained["model"], splits["val"], labels, trained["mlflow_run_id"])
+    trained = run(train, splits["train"], params["train"], {"data_hash": data["dataset"]},
+                  tracking.tracking_uri(get_settings().home))
+    evaluated = run(evaluate, trained["model"], splits["val"], labels, trained["mlflow_run_id"])
     lineage = {"data_hash": data["dataset"], "params_hash": params_hash(params)}
-    decision = deploy(trained, evaluated, params["deploy"], lineage)
+    decision = run(deploy, trained, evaluated, params["deploy"], lineage)
+
+    store = _store()
+    outputs = {
+        "get-data": {"dataset": data["dataset"]},
+        "split": {"train": splits["train"], "val": splits["val"]},
+        "train": {"model": trained["model"]},
+        "evaluate": {"metrics": evaluated["metrics_oid"]},
+        "deploy": {"model_version": decision["version"], "promoted": decision["promoted"]},
+    }
+    record = build_record(
+        flow_run_id=str(flow_run.id), flow_name=str(flow_run.flow_name), started=started,
+        params=params, params_hash=lineage["params_hash"],
+        code=snapshot_code(store, _code_roots()), environment=snapshot_environment(store),
+        stages={name: {"state": states[name], "outputs": outputs[name]} for name in outputs},
+        data=data["dataset"], trigger=run_trigger(), store_url=store.url,
+        mlflow={"run_id": trained["mlflow_run_id"], "model_name": params["deploy"]["model_name"],
+                "model_version": decision["version"], "tracking_uri":
+                tracking.tracking_uri(get_settings().home)},
+    )
+    get_run_logger().info("run record: %s", store.put_run_record(str(flow_run.id), record))
     return {"data": data, "model": trained["model"], "metrics": evaluated["metrics"],
             "decision": decision, "mlflow_run_id": trained["mlflow_run_id"]}

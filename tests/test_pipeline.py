@@ -96,6 +96,23 @@ def test_first_run_trains_a_champion_and_the_second_is_all_cached(project: Proje
     assert "every stage Cached" in second.stdout
     assert list(project.model_versions()) == ["1"]  # nothing registered again
 
+    # The run record: plain JSON in the store, enough to find every input again.
+    flow_run_id = re.search(r"runs/flow-run/([0-9a-f-]{36})", first.stdout).group(1)  # type: ignore[union-attr]
+    record = json.loads((project.home / "store" / "runs" / f"{flow_run_id}.json").read_text())
+    assert record["inputs"]["data"] == tags["data_hash"]
+    assert record["params_hash"] == tags["params_hash"]
+    assert record["code"]["snapshot"] == tags["code_hash"]
+    assert record["stages"]["train"] == {"state": "Completed",
+                                         "outputs": {"model": tags["model_oid"]}}
+    assert record["mlflow"]["model_version"] == "1" and record["trigger"]["kind"] == "user"
+    from uncool_prefect.store import ObjectStore
+
+    store = ObjectStore(project.home / "store")
+    code = store.read_manifest(record["code"]["snapshot"])
+    assert "flows/pipeline.py" in {entry.path for entry in code.entries}
+    environment = json.loads(store.get_bytes(record["environment"]))
+    assert any(p.lower().startswith("scikit-learn==") for p in environment["packages"])
+
     # gc keeps what the run produced: the data snapshot, splits and model are
     # named inside stage results, and those names are gc roots too.
     gc = project.uncool("store", "gc", "--grace", "0")

@@ -49,7 +49,13 @@ class GcReport:
     dry_run: bool = False
 
 
-def _roots(store: ObjectStore, keep: Iterable[str]) -> set[str]:
+def _roots(store: ObjectStore, keep: Iterable[str]) -> tuple[set[str], set[str]]:
+    """``(roots, mentions)``: ids that must exist, and ids run records mention.
+
+    Run records are free-form JSON (see lineage): any id-shaped string in them
+    is kept if it names an object, and ignored if not (a params hash, say).
+    Scanning the text keeps gc independent of their schema.
+    """
     roots: set[str] = set()
     for name in keep:
         digest, is_dir = parse_oid(name)
@@ -58,21 +64,22 @@ def _roots(store: ObjectStore, keep: Iterable[str]) -> set[str]:
         roots.add(document["oid"])
         # A result that names other objects (a dataset id, a model id) keeps them.
         roots.update(document.get("links", ()))
+    mentions: set[str] = set()
     for _rel, data in store.iter_run_records():
-        # NOTE: run records are free-form JSON (see lineage); any object id in
-        # them is a root. Scanning the text keeps gc independent of their schema.
-        roots.update(_OID_IN_TEXT.findall(data.decode("utf-8", errors="replace")))
-    return roots
+        mentions.update(_OID_IN_TEXT.findall(data.decode("utf-8", errors="replace")))
+    return roots, mentions
 
 
-def _mark(store: ObjectStore, roots: set[str], existing: set[str], report: GcReport) -> set[str]:
+def _mark(store: ObjectStore, roots: set[str], mentions: set[str], existing: set[str],
+          report: GcReport) -> set[str]:
     reachable: set[str] = set()
-    for name in roots:
+    for name in sorted(roots | mentions):
         digest, is_dir = parse_oid(name)
         if not is_dir and name not in existing and digest + DIR_SUFFIX in existing:
             name, is_dir = digest + DIR_SUFFIX, True
         if name not in existing:
-            report.dangling.append(name)
+            if name in roots:
+                report.dangling.append(name)
             continue
         reachable.add(name)
         if is_dir:
@@ -99,7 +106,8 @@ def collect_garbage(store: ObjectStore, *, grace: float = 3600.0,
     # List first, then mark: an object written after the listing is not a
     # candidate at all, whatever the marking sees.
     objects = {info.name: info for info in store.ls()}
-    reachable = _mark(store, _roots(store, keep), set(objects), report)
+    roots, mentions = _roots(store, keep)
+    reachable = _mark(store, roots, mentions, set(objects), report)
     report.reachable = len(reachable)
     garbage = [info for name, info in objects.items() if name not in reachable]
     # Manifests first: a half-finished sweep never leaves a manifest without its files.

@@ -625,6 +625,28 @@ class ObjectStore:
             except (StoreError, FileNotFoundError):
                 continue
 
+    def put_run_record(self, run_id: str, document: dict[str, Any]) -> str:
+        """Write ``runs/<run_id>.json`` atomically (replacing an older one)."""
+        validate_relpath(run_id, "run id")
+        if "/" in run_id:
+            raise InvalidKeyError(f"run id {run_id!r} must not contain '/'")
+        rel = f"{RUNS_DIR}/{run_id}.json"
+        data = json.dumps(document, sort_keys=True, indent=1).encode("utf-8")
+        self.backend.write_bytes(rel, data, overwrite=True)
+        return self.backend.url_for(rel)
+
+    def get_run_record(self, run_id: str) -> dict[str, Any]:
+        validate_relpath(run_id, "run id")
+        rel = f"{RUNS_DIR}/{run_id}.json"
+        try:
+            document: dict[str, Any] = json.loads(self.backend.read_bytes(rel))
+        except FileNotFoundError as exc:
+            raise ObjectNotFoundError(f"run {run_id}", self.backend.describe(),
+                                      hint="list runs with `uncool exp show`") from exc
+        except ValueError as exc:
+            raise StoreError(f"run record {run_id} is not valid JSON ({exc})") from exc
+        return document
+
     def iter_run_records(self) -> Iterator[tuple[str, bytes]]:
         for rel, _ in self.backend.list(RUNS_DIR):
             with contextlib.suppress(FileNotFoundError):

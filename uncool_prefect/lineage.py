@@ -1,0 +1,123 @@
+"""Run records: everything needed to find, check out and re-create a result.
+
+Every pipeline run writes ``runs/<flow-run-id>.json`` into the store: the
+resolved config and its hash, a snapshot of the code (the project's flows and
+this plugin's modules, as a folder object, plus the git commit and a hash of
+uncommitted changes), the environment (Python and package versions, as an
+object), the input data version, each stage's state and outputs, the MLflow
+run and model version, timestamps, and what started the run. A record is
+plain JSON: readable without Prefect or MLflow running.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .store import ObjectStore
+
+RECORD_VERSION = 1
+CODE_SUFFIXES = (".py", ".yaml", ".yml", ".toml")
+
+
+def snapshot_code(store: ObjectStore, roots: dict[str, Path]) -> dict[str, Any]:
+    """Store the source files under ``roots`` ({name: folder}) as one folder object."""
+    with tempfile.TemporaryDirectory(prefix="uncool-code-") as tmp:
+        staging = Path(tmp) / "code"
+        for name, root in sorted(roots.items()):
+            for path in sorted(root.rglob("*")):
+                if (path.is_file() and path.suffix in CODE_SUFFIXES
+                        and "__pycache__" not in path.parts):
+                    target = staging / name / path.relative_to(root)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+        snapshot = store.put_dir(staging)
+    return {"snapshot": snapshot.name, **_git_state(store, next(iter(roots.values())))}
+
+
+def _git_state(store: ObjectStore, folder: Path) -> dict[str, Any]:
+    """The git commit of ``folder`` and, if the tree is dirty, the diff as an object."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=folder, capture_output=True,
+                                  timeout=20, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.decode("utf-8", "replace") if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"git_commit": None, "git_dirty": None, "git_diff": None}
+    diff = git("diff", "HEAD") or ""
+    return {
+        "git_commit": commit.strip(),
+        "git_dirty": bool(diff),
+        "git_diff": store.put_bytes(diff.encode("utf-8")).oid if diff else None,
+    }
+
+
+def snapshot_environment(store: ObjectStore) -> str:
+    """Store the Python version, platform and installed packages; return the object id."""
+    packages = sorted(
+        {f"{dist.metadata['Name']}=={dist.version}" for dist in metadata.distributions()
+         if dist.metadata["Name"]},
+        key=str.lower,
+    )
+    document = {"python": sys.version, "platform": platform.platform(), "packages": packages}
+    data = json.dumps(document, sort_keys=True, indent=1).encode("utf-8")
+    return store.put_bytes(data).oid
+
+
+def run_trigger() -> dict[str, Any]:
+    """What started the current flow run: a user, a schedule, or an event."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    flow_run = context.flow_run if context else None
+    if flow_run is None:
+        return {"kind": "user", "user": getpass.getuser()}
+    created_by = getattr(flow_run, "created_by", None)
+    kind = "user"
+    if getattr(flow_run, "auto_scheduled", False):
+        kind = "schedule"
+    elif created_by is not None and str(getattr(created_by, "type", "")).upper() == "AUTOMATION":
+        kind = "event"
+    elif flow_run.deployment_id is not None:
+        kind = "deployment"
+    trigger: dict[str, Any] = {"kind": kind, "user": getpass.getuser()}
+    if flow_run.deployment_id is not None:
+        trigger["deployment_id"] = str(flow_run.deployment_id)
+    if created_by is not None:
+        trigger["created_by"] = getattr(created_by, "display_value", None) or str(created_by)
+    return trigger
+
+
+def build_record(*, flow_run_id: str, flow_name: str, started: float, params: dict[str, Any],
+                 params_hash: str, code: dict[str, Any], environment: str,
+                 stages: dict[str, dict[str, Any]], data: str, mlflow: dict[str, Any],
+                 trigger: dict[str, Any], store_url: str) -> dict[str, Any]:
+    return {
+        "version": RECORD_VERSION,
+        "flow_run_id": flow_run_id,
+        "flow_name": flow_name,
+        "started": started,
+        "finished": time.time(),
+        "trigger": trigger,
+        "params": params,
+        "params_hash": params_hash,
+        "code": code,
+        "environment": environment,
+        "inputs": {"data": data},
+        "stages": stages,
+        "mlflow": mlflow,
+        "store": store_url,
+    }
