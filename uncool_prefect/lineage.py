@@ -121,3 +121,73 @@ def build_record(*, flow_run_id: str, flow_name: str, started: float, params: di
         "mlflow": mlflow,
         "store": store_url,
     }
+
+
+class TargetError(LookupError):
+    """A lineage target that names nothing known; the message says what is accepted."""
+
+
+def iter_records(store: ObjectStore) -> list[dict[str, Any]]:
+    """Every run record in the store, oldest first."""
+    records = []
+    for _rel, data in store.iter_run_records():
+        try:
+            records.append(json.loads(data))
+        except ValueError:
+            continue
+    return sorted(records, key=lambda r: (r.get("started", 0), r.get("flow_run_id", "")))
+
+
+def _model_version_run(target: str, home: Path) -> str:
+    """The Prefect flow run id behind ``champion``, ``models:/NAME/N`` or ``models:/NAME@alias``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from . import tracking
+
+    tracking.configure(home)
+    client = MlflowClient()
+    try:
+        if target == "champion":
+            version = client.get_model_version_by_alias("issue-labeler", tracking.CHAMPION)
+        else:
+            name, _, rest = target[len("models:/"):].partition("/")
+            if "@" in target:
+                name, _, alias = target[len("models:/"):].partition("@")
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                version = client.get_model_version(name, rest)
+    except MlflowException as exc:
+        raise TargetError(f"{target} is not in the MLflow registry at "
+                          f"{tracking.mlflow_uri()}: {exc.message}") from exc
+    run_id = version.tags.get("prefect_flow_run_id")
+    if not run_id:
+        raise TargetError(f"{target} (version {version.version}) has no prefect_flow_run_id "
+                          "tag: it was not registered by this pipeline")
+    return str(run_id)
+
+
+def resolve_target(store: ObjectStore, target: str, home: Path) -> dict[str, Any]:
+    """The run record a target points at.
+
+    A target is a flow run id, ``champion``, ``models:/NAME/N``, ``models:/NAME@alias``,
+    or an object id (the run that produced it, the earliest if several did).
+    """
+    from .store import InvalidKeyError, parse_oid
+
+    if target == "champion" or target.startswith("models:/"):
+        return store.get_run_record(_model_version_run(target, home))
+    try:
+        digest, _ = parse_oid(target)
+    except InvalidKeyError:
+        try:
+            return store.get_run_record(target)
+        except (FileNotFoundError, InvalidKeyError) as exc:
+            raise TargetError(
+                f"{target!r} is neither a run in {store.url} nor an object id, "
+                "'champion' or models:/NAME/VERSION"
+            ) from exc
+    for record in iter_records(store):
+        if digest in json.dumps(record.get("stages", {})):
+            return record
+    raise TargetError(f"no run record in {store.url} produced object {target}")
