@@ -67,8 +67,16 @@ def fit(rows: Sequence[dict[str, str]], params: dict[str, Any]) -> Pipeline:
 
 
 def dump_model(model: Pipeline) -> bytes:
-    # NOTE: pickle of the same fitted pipeline gives the same bytes, which is
-    # what makes a retrained model's hash comparable with the recorded one.
+    """Pickle the model so that the same training gives the same bytes.
+
+    That is what makes a retrained model's hash comparable with the recorded
+    one (`uncool reproduce`).
+    """
+    for _name, step in model.steps:
+        # NOTE: TfidfVectorizer caches id(stop_words), a memory address that
+        # differs in every process; sklearn reads it with a default, so it can go.
+        if hasattr(step, "_stop_words_id"):
+            del step._stop_words_id
     buffer = io.BytesIO()
     pickle.dump(model, buffer, protocol=5)
     return buffer.getvalue()
