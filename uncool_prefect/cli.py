@@ -349,6 +349,44 @@ def serve(*, port: int = 5001, model_name: str = "issue-labeler") -> int:
     return subprocess.call(command, env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path})
 
 
+@app.command
+def reproduce(target: str, /, *, basepath: Basepath = None) -> int:
+    """Re-run a recorded run from its own config, data and code; compare every stage.
+
+    TARGET is a flow run id, 'champion', models:/NAME/VERSION or an object id.
+    The cache is bypassed and the model is registered into a scratch MLflow
+    store. Exit 0 only if every stage's output is byte-identical to the
+    recorded one; otherwise the first stage that diverged and the likely cause.
+
+    Parameters
+    ----------
+    target
+        What to reproduce: a flow run id, champion, models:/issue-labeler/3, or an object id.
+    """
+    from . import runner
+    from .reproduce import reproduce as reproduce_run
+
+    store = _open_store(basepath)
+    info = runner.connect()
+    result = reproduce_run(store, target, get_settings().home, info.api_url)
+    table = Table(title=f"reproduce {result.run_id} (as {result.reproduced_run_id})")
+    for column in ("stage", "recorded", "reproduced", ""):
+        table.add_column(column)
+    for check in result.checks:
+        for key, recorded in check.recorded.items():
+            again = check.reproduced.get(key)
+            verdict = "identical" if recorded == again else "[red]different[/red]"
+            table.add_row(f"{check.stage} {key}", str(recorded)[:16], str(again)[:16], verdict)
+    table.add_row("deploy", "-", "-", "not compared (scratch registry)")
+    out.print(table)
+    first = result.first_divergence
+    if first is None:
+        out.print("every stage reproduced byte for byte")
+        return 0
+    err.print(f"first divergence: {first.stage}. Likely cause: {result.likely_cause()}")
+    return 1
+
+
 @app.command(name="sample-data")
 def sample_data(dest: Path, /, *, day: int, seed: int = 0) -> None:
     """Write day DAY of the sample issues into DEST (<label>/<id>.txt), deterministically.
