@@ -406,6 +406,17 @@ def sample_data(dest: Path, /, *, day: int, seed: int = 0) -> None:
     out.print(f"wrote {len(written)} issues for day {day} into {dest}")
 
 
+# -- lineage ---------------------------------------------------------------
+def _register_lineage_commands() -> None:
+    from .cli_lineage import checkout, lineage
+
+    app.command(lineage)
+    app.command(checkout)
+
+
+_register_lineage_commands()
+
+
 # -- demo ------------------------------------------------------------------
 @app.command
 def demo(*, runs: int = 2) -> int:

@@ -167,6 +167,15 @@ def _model_version_run(target: str, home: Path) -> str:
     return str(run_id)
 
 
+def _named_objects(record: dict[str, Any]) -> set[str]:
+    """Digests of every object a record names (stage outputs, data, code, environment)."""
+    names = [record.get("inputs", {}).get("data"), record.get("code", {}).get("snapshot"),
+             record.get("environment")]
+    for stage in record.get("stages", {}).values():
+        names.extend(stage.get("outputs", {}).values())
+    return {str(n).removesuffix(".dir") for n in names if isinstance(n, str)}
+
+
 def resolve_target(store: ObjectStore, target: str, home: Path) -> dict[str, Any]:
     """The run record a target points at.
 
@@ -188,6 +197,6 @@ def resolve_target(store: ObjectStore, target: str, home: Path) -> dict[str, Any
                 "'champion' or models:/NAME/VERSION"
             ) from exc
     for record in iter_records(store):
-        if digest in json.dumps(record.get("stages", {})):
+        if digest in _named_objects(record):
             return record
     raise TargetError(f"no run record in {store.url} produced object {target}")
