@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -40,6 +41,20 @@ def test_a_newcomer_reproduces_the_champion_from_the_store_alone(tmp_path: Path)
         if leftover.name not in ("store", "mlflow.db"):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
+    dataset = re.search(r"([0-9a-f]{64}\.dir)", first.stdout).group(1)  # type: ignore[union-attr]
+    lineage = uncool("lineage", "champion", "--json")
+    assert lineage.returncode == 0, lineage.stderr
+    upstream = json.loads(lineage.stdout)["upstream"]
+    assert upstream["data"] == dataset and upstream["config"]["params"]["train"]["C"] == 4.0
+
+    handover = tmp_path / "handover"
+    checkout = uncool("checkout", "champion", str(handover))
+    assert checkout.returncode == 0, checkout.stderr
+    restored = sorted(p.name for p in (handover / "data").rglob("*.txt"))
+    assert len(restored) == 120  # two days of 60 sample issues, back from the store
+    assert (handover / "code" / "flows" / "pipeline.py").exists()
+    assert (handover / "model.pkl").stat().st_size > 0 and (handover / "RUN.md").exists()
+
     done = uncool("reproduce", "champion")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "every stage reproduced byte for byte" in done.stdout
@@ -47,7 +62,6 @@ def test_a_newcomer_reproduces_the_champion_from_the_store_alone(tmp_path: Path)
 
     # Tamper with one stored file of the data snapshot: both tools name it.
     store = ObjectStore(home / "store")
-    dataset = re.search(r"([0-9a-f]{64}\.dir)", first.stdout).group(1)  # type: ignore[union-attr]
     victim = store.read_manifest(dataset).entries[0].oid
     path = Path(store.url_of(victim))
     path.chmod(0o644)
