@@ -59,6 +59,11 @@ def test_a_newcomer_reproduces_the_champion_from_the_store_alone(tmp_path: Path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "every stage reproduced byte for byte" in done.stdout
     assert done.stdout.count("identical") == 5
+    records = [json.loads(p.read_text()) for p in (home / "store" / "runs").glob("*.json")]
+    original = json.loads(lineage.stdout)["flow_run_id"]
+    assert [r["trigger"] for r in records if r["trigger"]["kind"] == "reproduce"] == [
+        {"kind": "reproduce", "of": original, "user": records[0]["trigger"]["user"]}
+    ]
 
     # Tamper with one stored file of the data snapshot: both tools name it.
     store = ObjectStore(home / "store")

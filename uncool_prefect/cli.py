@@ -408,10 +408,13 @@ def sample_data(dest: Path, /, *, day: int, seed: int = 0) -> None:
 
 # -- lineage ---------------------------------------------------------------
 def _register_lineage_commands() -> None:
+    from .cli_experiments import diff, exp_app
     from .cli_lineage import checkout, lineage
 
     app.command(lineage)
     app.command(checkout)
+    app.command(exp_app)
+    app.command(diff)
 
 
 _register_lineage_commands()

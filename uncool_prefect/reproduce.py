@@ -136,6 +136,13 @@ def reproduce(store: ObjectStore, target: str, home: Path, api_url: str) -> Repr
         tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
         raise RuntimeError("the recorded pipeline failed to run again:\n" + "\n".join(tail))
     again = store.get_run_record(new_run)
+    # NOTE: the reproduction's own record says what it was, and that its model
+    # version lived in a scratch registry that is gone now.
+    again["trigger"] = {**again.get("trigger", {}), "kind": "reproduce",
+                        "of": record["flow_run_id"]}
+    again["mlflow"] = {**again.get("mlflow", {}), "model_version": None,
+                       "tracking_uri": None}
+    store.put_run_record(new_run, again)
     result = Reproduction(record["flow_run_id"], new_run)
     for stage in COMPARED:
         result.checks.append(StageCheck(stage, record["stages"][stage]["outputs"],

@@ -1,0 +1,115 @@
+"""``uncool exp show`` and ``uncool diff``: compare runs, like ``dvc exp show`` / ``dvc exp diff``.
+
+Register them on the main app with::
+
+    from .cli_experiments import diff, exp_app
+    app.command(exp_app)   # uncool exp show [--baseline T] [--flow F] [--since 2h] [--sort COL]
+    app.command(diff)      # uncool diff A B [--json]
+
+``diff`` is also ``uncool exp diff``. Unknown targets raise
+:class:`~uncool_prefect.lineage.TargetError` and unknown columns or durations
+:class:`LookupError`: the main entry point prints those as one line (exit 2).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import cyclopts
+from cyclopts import Parameter
+from rich.console import Console, RenderableType
+
+from . import experiments
+from .settings import get_settings
+from .store import ObjectStore
+
+exp_app = cyclopts.App(
+    name="exp",
+    help="Compare pipeline runs: config changes, data versions, metrics and the champion.",
+)
+
+Basepath = Annotated[
+    str | None,
+    Parameter(help="Store URL: a folder or s3://bucket/prefix. Default: UNCOOL_STORE, "
+              "else .uncool/store."),
+]
+JsonOutput = Annotated[bool, Parameter(name="--json", help="Print JSON instead of a table.")]
+
+
+def _store(basepath: str | None) -> ObjectStore:
+    settings = get_settings()
+    return ObjectStore(basepath or settings.store_url, algorithm=settings.algorithm,
+                       state_dir=settings.state_dir)
+
+
+def _print(renderable: RenderableType) -> None:
+    # NOTE: imported here, not at the top: cli.py imports this module.
+    from .cli import out
+
+    # NOTE: piped (not a terminal), the table is printed at its natural width
+    # instead of squeezing a dozen columns into 80.
+    if not out.is_terminal:
+        needed = out.measure(renderable, options=out.options.update_width(1000)).maximum
+        if needed > out.width:
+            wide = Console(file=out.file, width=needed, highlight=False, soft_wrap=True)
+            wide.print(renderable)
+            return
+    out.print(renderable)
+
+
+@exp_app.command
+def show(
+    *,
+    baseline: Annotated[str | None, Parameter(
+        help="Run to compare configs against: a flow run id, 'champion', models:/NAME/N, "
+             "models:/NAME@alias or an object id. Default: the oldest run shown.")] = None,
+    flow: Annotated[str | None, Parameter(
+        help="Only runs of this flow, e.g. train-evaluate-deploy.")] = None,
+    since: Annotated[str | None, Parameter(
+        help="Only runs started since: a duration ago (30m, 2h, 1d, 1w) or an ISO date "
+             "(UTC unless it has an offset).")] = None,
+    sort: Annotated[str | None, Parameter(
+        help="Sort by a column: run, started, flow, trigger, data, model, champion, a "
+             "config key (train.C) or a metric (macro_f1, best first).")] = None,
+    json_output: JsonOutput = False,
+    basepath: Basepath = None,
+) -> None:
+    """One row per run: when, which flow and trigger, data version, config values that
+    differ from the baseline, metrics, model version and the champion."""
+    table = experiments.exp_rows(
+        _store(basepath), get_settings().home, baseline=baseline, flow=flow,
+        since=None if since is None else experiments.parse_since(since), sort=sort,
+    )
+    if json_output:
+        print(experiments.to_json(table))
+        return
+    if not table.rows:
+        _print("no runs recorded yet: run `uncool run` first")
+        return
+    _print(experiments.render_table(table))
+
+
+@exp_app.command(name="diff")
+def diff(
+    a: str,
+    b: str,
+    /,
+    *,
+    json_output: JsonOutput = False,
+    basepath: Basepath = None,
+) -> None:
+    """What changed between two runs: config, metrics (with deltas), data, code, model.
+
+    Parameters
+    ----------
+    a
+        The older run: a flow run id, 'champion', models:/NAME/N, models:/NAME@alias
+        or an object id it produced.
+    b
+        The newer run, named the same ways.
+    """
+    result = experiments.diff_runs(_store(basepath), get_settings().home, a, b)
+    if json_output:
+        print(experiments.diff_to_json(result))
+        return
+    _print(experiments.render_diff(result))

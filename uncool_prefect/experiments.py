@@ -1,0 +1,362 @@
+"""Compare pipeline runs, like ``dvc exp show`` and ``dvc exp diff``, from run records.
+
+Everything here reads the run records in the store (``runs/<flow-run-id>.json``)
+and the metrics objects they name; MLflow is asked only which model version is
+the champion, and its absence just leaves the champion column empty. No Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from . import lineage
+from .params import diff_params
+from .store import ObjectStore
+
+FIXED_COLUMNS = ("run", "started", "flow", "trigger", "data", "model", "champion")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_SCALE = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+@dataclass
+class ExpRow:
+    """One run: identity, the config values that differ from the baseline, and results."""
+
+    run_id: str
+    started: float
+    flow: str
+    trigger: str
+    data: str
+    config: dict[str, Any]
+    metrics: dict[str, float]
+    model_name: str | None
+    model_version: str | None
+    champion: bool = False
+
+    def value(self, column: str) -> Any:
+        """The value shown in ``column`` (a fixed column, a config key or a metric)."""
+        fixed = {"run": self.run_id, "started": self.started, "flow": self.flow,
+                 "trigger": self.trigger, "data": self.data, "champion": self.champion,
+                 "model": _version_key(self.model_version)}
+        if column in fixed:
+            return fixed[column]
+        if column in self.metrics:
+            return self.metrics[column]
+        return self.config.get(column)
+
+
+@dataclass
+class ExpTable:
+    """The rows of ``uncool exp show`` and the columns they have."""
+
+    baseline: str
+    config_keys: list[str]
+    metric_names: list[str]
+    rows: list[ExpRow] = field(default_factory=list)
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column name accepted by ``--sort``."""
+        return [*FIXED_COLUMNS, *self.config_keys, *self.metric_names]
+
+
+@dataclass
+class RunDiff:
+    """What changed from run ``a`` to run ``b``."""
+
+    a: str
+    b: str
+    config: dict[str, tuple[Any, Any]]
+    metrics: dict[str, tuple[float | None, float | None, float | None]]
+    data_old: str
+    data_new: str
+    code_old: str | None
+    code_new: str | None
+    model_old: str | None
+    model_new: str | None
+
+    @property
+    def data_changed(self) -> bool:
+        return self.data_old != self.data_new
+
+    @property
+    def code_changed(self) -> bool:
+        return self.code_old != self.code_new
+
+
+def short(oid: str | None, length: int = 8) -> str:
+    """A short form of a run id or object id (the ``.dir`` suffix is dropped)."""
+    return (oid or "").removesuffix(".dir")[:length]
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """A start time from ``2h``, ``30m``, ``1d``, ``1w`` (ago) or an ISO date/time (UTC if naive)."""
+    match = _DURATION.match(text)
+    if match:
+        return (time.time() if now is None else now) - float(match.group(1)) * _SCALE[match.group(2)]
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise LookupError(f"cannot read --since {text!r}; use a duration like 2h or 1d, "
+                          "or an ISO date like 2026-01-31") from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def read_metrics(store: ObjectStore, record: dict[str, Any]) -> dict[str, float]:
+    """The metrics a run's evaluate stage stored (a JSONL object); empty if unreadable."""
+    oid = record.get("stages", {}).get("evaluate", {}).get("outputs", {}).get("metrics")
+    if not oid:
+        return {}
+    try:
+        first = store.get_bytes(oid).decode("utf-8").strip().splitlines()[0]
+        document = json.loads(first)
+    except (OSError, ValueError, IndexError):
+        return {}
+    return {str(k): float(v) for k, v in document.items() if isinstance(v, (int, float))}
+
+
+def champion_run_ids(records: list[dict[str, Any]], home: Path) -> set[str]:
+    """The flow run ids whose model version is its model's champion; empty without MLflow."""
+    names = {r.get("mlflow", {}).get("model_name") for r in records} - {None}
+    if not names:
+        return set()
+    try:
+        from . import tracking
+
+        if "MLFLOW_TRACKING_URI" not in os.environ and not (home / "mlflow.db").exists():
+            return set()  # no tracking store: do not create one just to look
+        tracking.configure(home)
+        champions = {name: tracking.current_champion(name) for name in names}
+    except Exception:  # noqa: BLE001 - MLflow missing or unreachable: no marker
+        return set()
+    found: set[str] = set()
+    for name, version in champions.items():
+        if version is None:
+            continue
+        tagged = (version.tags or {}).get("prefect_flow_run_id")
+        ids = [r["flow_run_id"] for r in records if r.get("flow_run_id") == tagged]
+        if not ids:  # the registering run is gone: the earliest run with that version
+            ids = [r["flow_run_id"] for r in records  # records are oldest first
+                   if r.get("mlflow", {}).get("model_name") == name
+                   and str(r.get("mlflow", {}).get("model_version")) == str(version.version)]
+        found |= set(ids[:1])
+    return found
+
+
+def resolve(store: ObjectStore, target: str, home: Path) -> dict[str, Any]:
+    """:func:`lineage.resolve_target`, plus a unique prefix of a flow run id (as shown)."""
+    try:
+        return lineage.resolve_target(store, target, home)
+    except lineage.TargetError:
+        if len(target) < 4 or target.startswith("models:/"):
+            raise
+        matches = [r for r in lineage.iter_records(store)
+                   if str(r.get("flow_run_id", "")).startswith(target)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise lineage.TargetError(
+                f"{target!r} is the start of {len(matches)} run ids in {store.url}: "
+                "give more of it") from None
+        raise
+
+
+def _version_key(version: str | None) -> Any:
+    return int(version) if version and version.isdigit() else version
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    if value is None:
+        return (2, 0)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value)
+    return (1, str(value))
+
+
+def exp_rows(store: ObjectStore, home: Path, baseline: str | None = None,
+             flow: str | None = None, since: float | None = None,
+             sort: str | None = None) -> ExpTable:
+    """One row per run record, with the config values that differ from ``baseline``.
+
+    Args:
+        store: Where the run records are.
+        home: UNCOOL_HOME, for the MLflow registry (champion marker, model targets).
+        baseline: A target (see :func:`resolve`); default the oldest run shown.
+        flow: Only runs of this flow name.
+        since: Only runs started at or after this Unix time (see :func:`parse_since`).
+        sort: A column name; metrics sort best (highest) first, the rest ascending.
+    """
+    records = lineage.iter_records(store)
+    shown = [r for r in records
+             if (flow is None or r.get("flow_name") == flow)
+             and (since is None or float(r.get("started", 0)) >= since)]
+    if baseline is not None:
+        base: dict[str, Any] | None = resolve(store, baseline, home)
+    else:
+        base = shown[0] if shown else None
+    base_params = base.get("params", {}) if base else {}
+    champions = champion_run_ids(records, home)
+    rows = []
+    for record in shown:
+        mlflow = record.get("mlflow", {})
+        version = mlflow.get("model_version")
+        rows.append(ExpRow(
+            run_id=str(record.get("flow_run_id", "")),
+            started=float(record.get("started", 0)),
+            flow=str(record.get("flow_name", "")),
+            trigger=str(record.get("trigger", {}).get("kind", "")),
+            data=str(record.get("inputs", {}).get("data", "")),
+            config={k: new for k, (_old, new) in
+                    diff_params(base_params, record.get("params", {})).items()},
+            metrics=read_metrics(store, record),
+            model_name=mlflow.get("model_name"),
+            model_version=None if version is None else str(version),
+            champion=record.get("flow_run_id") in champions,
+        ))
+    table = ExpTable(
+        baseline=str(base.get("flow_run_id", "")) if base else "",
+        config_keys=sorted({k for row in rows for k in row.config}),
+        metric_names=sorted({m for row in rows for m in row.metrics}),
+        rows=rows,
+    )
+    if sort is not None:
+        if sort not in table.columns:
+            raise LookupError(f"cannot sort by {sort!r}; columns: {', '.join(table.columns)}")
+        descending = sort in table.metric_names or sort == "champion"
+        present = [r for r in rows if r.value(sort) is not None]
+        missing = [r for r in rows if r.value(sort) is None]
+        present.sort(key=lambda r: _sort_key(r.value(sort)), reverse=descending)
+        table.rows = present + missing
+    return table
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+def _fmt(value: Any) -> str:
+    """A config value as text: lists and mappings as JSON, None as empty."""
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def _metric(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def render_table(table: ExpTable) -> Table:
+    """The rows as a rich table; the baseline run is marked ``(base)``."""
+    out = Table(title="experiments", caption=f"baseline: {short(table.baseline)}; times in UTC",
+                show_header=True)
+    for name in ("run", "started", "flow", "trigger", "data"):
+        out.add_column(name, no_wrap=True)
+    for key in table.config_keys:
+        out.add_column(key, style="yellow")
+    for metric in table.metric_names:
+        out.add_column(metric, justify="right", style="cyan")
+    out.add_column("model", justify="right")
+    out.add_column("champion")
+    for row in table.rows:
+        run = short(row.run_id) + (" (base)" if row.run_id == table.baseline else "")
+        out.add_row(run, _iso(row.started).replace("T", " ")[:16], row.flow, row.trigger, short(row.data, 12),
+                    *(_fmt(row.config[k]) if k in row.config else "" for k in table.config_keys),
+                    *(_metric(row.metrics.get(m)) for m in table.metric_names),
+                    f"v{row.model_version}" if row.model_version else "",
+                    "champion" if row.champion else "")
+    return out
+
+
+def table_to_dict(table: ExpTable) -> dict[str, Any]:
+    """A JSON-ready form of the table (full ids, ISO times)."""
+    return {
+        "baseline": table.baseline, "columns": table.columns,
+        "rows": [{**asdict(row), "started": _iso(row.started),
+                  "baseline": row.run_id == table.baseline} for row in table.rows],
+    }
+
+
+def to_json(table: ExpTable) -> str:
+    """The table as a JSON document (see :func:`table_to_dict`)."""
+    return json.dumps(table_to_dict(table), indent=2, default=str)
+
+
+def diff_runs(store: ObjectStore, home: Path, a: str, b: str) -> RunDiff:
+    """What changed from target ``a`` to target ``b`` (see :func:`resolve`)."""
+    old, new = resolve(store, a, home), resolve(store, b, home)
+    old_metrics, new_metrics = read_metrics(store, old), read_metrics(store, new)
+    metrics: dict[str, tuple[float | None, float | None, float | None]] = {}
+    for name in sorted(set(old_metrics) | set(new_metrics)):
+        before, after = old_metrics.get(name), new_metrics.get(name)
+        delta = after - before if before is not None and after is not None else None
+        metrics[name] = (before, after, delta)
+
+    def model(record: dict[str, Any]) -> str | None:
+        version = record.get("mlflow", {}).get("model_version")
+        return None if version is None else str(version)
+
+    return RunDiff(
+        a=str(old.get("flow_run_id", "")), b=str(new.get("flow_run_id", "")),
+        config=diff_params(old.get("params", {}), new.get("params", {})), metrics=metrics,
+        data_old=str(old.get("inputs", {}).get("data", "")),
+        data_new=str(new.get("inputs", {}).get("data", "")),
+        code_old=old.get("code", {}).get("snapshot"), code_new=new.get("code", {}).get("snapshot"),
+        model_old=model(old), model_new=model(new),
+    )
+
+
+def render_diff(diff: RunDiff) -> Group:
+    """The diff as rich renderables: config and metric tables, then data, code and model."""
+    parts: list[Any] = [Text(f"{short(diff.a)} -> {short(diff.b)}", style="bold")]
+    if diff.config:
+        config = Table(title="config", show_header=True)
+        for name in ("key", "old", "new"):
+            config.add_column(name)
+        for key, (before, after) in diff.config.items():
+            config.add_row(key, _fmt(before), _fmt(after))
+        parts.append(config)
+    else:
+        parts.append(Text("config unchanged"))
+    if diff.metrics:
+        metrics = Table(title="metrics", show_header=True)
+        for name in ("metric", "old", "new", "delta"):
+            metrics.add_column(name, justify="left" if name == "metric" else "right")
+        for name, (before, after, delta) in diff.metrics.items():
+            metrics.add_row(name, _metric(before), _metric(after),
+                            "" if delta is None else f"{delta:+.4f}")
+        parts.append(metrics)
+    parts.append(Text(f"data changed: {short(diff.data_old, 12)} -> {short(diff.data_new, 12)}"
+                      if diff.data_changed else f"data unchanged ({short(diff.data_old, 12)})"))
+    parts.append(Text("code changed" if diff.code_changed else "code unchanged"))
+    parts.append(Text(f"model v{diff.model_old or '?'} -> v{diff.model_new or '?'}"))
+    return Group(*parts)
+
+
+def diff_to_dict(diff: RunDiff) -> dict[str, Any]:
+    """A JSON-ready form of the diff."""
+    return {
+        "a": diff.a, "b": diff.b,
+        "config": {k: {"old": o, "new": n} for k, (o, n) in diff.config.items()},
+        "metrics": {k: {"old": o, "new": n, "delta": d} for k, (o, n, d) in diff.metrics.items()},
+        "data": {"old": diff.data_old, "new": diff.data_new, "changed": diff.data_changed},
+        "code": {"old": diff.code_old, "new": diff.code_new, "changed": diff.code_changed},
+        "model_version": {"old": diff.model_old, "new": diff.model_new},
+    }
+
+
+def diff_to_json(diff: RunDiff) -> str:
+    """The diff as a JSON document (see :func:`diff_to_dict`)."""
+    return json.dumps(diff_to_dict(diff), indent=2, default=str)
