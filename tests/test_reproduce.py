@@ -65,6 +65,16 @@ def test_a_newcomer_reproduces_the_champion_from_the_store_alone(tmp_path: Path)
         {"kind": "reproduce", "of": original, "user": records[0]["trigger"]["user"]}
     ]
 
+    # A record whose model differs from what its inputs give is reported, not hidden.
+    record_path = home / "store" / "runs" / f"{original}.json"
+    record = json.loads(record_path.read_text())
+    record["stages"]["train"]["outputs"]["model"] = record["stages"]["split"]["outputs"]["val"]
+    record_path.write_text(json.dumps(record))
+    diverged = uncool("reproduce", original)
+    assert diverged.returncode == 1, diverged.stdout[-2000:] + diverged.stderr[-2000:]
+    assert "first divergence: train" in diverged.stderr
+    assert "not deterministic" in diverged.stderr  # same config, data, code, environment
+
     # Tamper with one stored file of the data snapshot: both tools name it.
     store = ObjectStore(home / "store")
     victim = store.read_manifest(dataset).entries[0].oid
