@@ -8,15 +8,13 @@ comparisons are then made in-process from the run records they wrote.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from project import Project
 
 from uncool_prefect import experiments
 from uncool_prefect.lineage import TargetError
@@ -25,8 +23,6 @@ from uncool_prefect.store import ObjectStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
-UNCOOL = str(Path(sys.executable).with_name("uncool"))
-PROJECT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -41,29 +37,14 @@ class Runs:
         return ObjectStore(self.home / "store")
 
 
-def _run(home: Path, data: Path, env: dict[str, str], *overrides: str) -> str:
-    """`uncool run` on the folder ``data``; the flow run id."""
-    args = [UNCOOL, "run", "-S", "data.source=folder", "-S", f"data.folder.url={data}"]
-    for override in overrides:
-        args += ["-S", override]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=PROJECT, env=env)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    match = re.search(r"runs/flow-run/([0-9a-f-]{36})", done.stdout)
-    assert match, done.stdout
-    return match.group(1)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
-    root = tmp_path_factory.mktemp("experiments")
-    home, data = root / "home", root / "data"
-    env = {**os.environ, "UNCOOL_HOME": str(home), "UNCOOL_BLOCK": "test-experiments",
-           "UNCOOL_STORE": str(home / "store"), "COLUMNS": "200"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    write_sample(data, days=2, seed=3)
-    ids = [_run(home, data, env), _run(home, data, env, "train.C=0.5")]
-    write_sample_day(data, 3, seed=3)
-    ids.append(_run(home, data, env))
+    project = Project(tmp_path_factory.mktemp("experiments"), "test-experiments")
+    write_sample(project.data, days=2, seed=3)
+    ids = [project.run_flow()[1], project.run_flow("train.C=0.5")[1]]
+    write_sample_day(project.data, 3, seed=3)
+    ids.append(project.run_flow()[1])
+    home = project.home
     return Runs(home=home, ids=ids)
 
 

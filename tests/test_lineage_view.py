@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from project import Project as BaseProject
 
 from uncool_prefect.lineage import TargetError
 from uncool_prefect.lineage_view import CheckoutError, checkout, lineage_tree, render_tree
@@ -23,34 +21,12 @@ from uncool_prefect.store import ObjectStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
-UNCOOL = str(Path(sys.executable).with_name("uncool"))
-PROJECT = Path(__file__).resolve().parents[1]
 
 
-class Project:
-    """One isolated user: own UNCOOL_HOME (store, MLflow), own block, own data."""
-
-    def __init__(self, root: Path, name: str) -> None:
-        self.home = root / "home"
-        self.data = root / "data"
-        self.env = {**os.environ, "UNCOOL_HOME": str(self.home), "UNCOOL_BLOCK": name,
-                    "UNCOOL_STORE": str(self.home / "store"), "COLUMNS": "200"}
-        self.env.pop("MLFLOW_TRACKING_URI", None)
-
-    def uncool(self, *args: str, cwd: Path = PROJECT) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([UNCOOL, *args], capture_output=True, text=True, timeout=300,
-                              cwd=cwd, env=self.env)
-
+class Project(BaseProject):
     def run(self, *overrides: str) -> str:
         """Run the pipeline on the project's data folder; return the flow run id."""
-        args = ["run", "-S", "data.source=folder", "-S", f"data.folder.url={self.data}"]
-        for override in overrides:
-            args += ["-S", override]
-        done = self.uncool(*args)
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-        match = re.search(r"runs/flow-run/([0-9a-f-]{36})", done.stdout)
-        assert match, done.stdout
-        return match.group(1)
+        return self.run_flow(*overrides)[1]
 
 
 @dataclass

@@ -6,44 +6,24 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from project import PROJECT, UNCOOL
+from project import Project as BaseProject
 
 from uncool_prefect.sources import write_sample, write_sample_day
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
 
-UNCOOL = str(Path(sys.executable).with_name("uncool"))
-PROJECT = Path(__file__).resolve().parents[1]
 STAGES = ["get-data", "split", "train", "evaluate", "deploy"]
 
 
-class Project:
-    """One isolated user: own UNCOOL_HOME (store, MLflow), own block, own data."""
-
-    def __init__(self, root: Path, name: str) -> None:
-        self.home = root / "home"
-        self.data = root / "data"
-        self.env = {**os.environ, "UNCOOL_HOME": str(self.home), "UNCOOL_BLOCK": name,
-                    "UNCOOL_STORE": str(self.home / "store"), "COLUMNS": "200"}
-        self.env.pop("MLFLOW_TRACKING_URI", None)
-
-    def uncool(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([UNCOOL, *args], capture_output=True, text=True, timeout=300,
-                              cwd=PROJECT, env=self.env)
-
+class Project(BaseProject):
     def run(self, *overrides: str) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
-        args = ["run", "-S", "data.source=folder", "-S", f"data.folder.url={self.data}"]
-        for override in overrides:
-            args += ["-S", override]
-        done = self.uncool(*args)
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-        match = re.search(r"runs/flow-run/([0-9a-f-]{36})", done.stdout)
-        assert match, done.stdout
-        return done, task_states(match.group(1))
+        done, flow_run_id = self.run_flow(*overrides)
+        return done, task_states(flow_run_id)
 
     def model_versions(self) -> dict[str, dict[str, object]]:
         from mlflow import MlflowClient

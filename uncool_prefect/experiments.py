@@ -8,7 +8,6 @@ the champion, and its absence just leaves the champion column empty. No Prefect.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -136,7 +135,7 @@ def champion_run_ids(records: list[dict[str, Any]], home: Path) -> set[str]:
     try:
         from . import tracking
 
-        if "MLFLOW_TRACKING_URI" not in os.environ and not (home / "mlflow.db").exists():
+        if not tracking.has_tracking_store(home):
             return set()  # no tracking store: do not create one just to look
         tracking.configure(home)
         champions = {name: tracking.current_champion(name) for name in names}

@@ -17,12 +17,22 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 
 
+# NOTE: read once, before this process configures MLflow: mlflow.set_tracking_uri
+# writes MLFLOW_TRACKING_URI into os.environ, so reading it later would return
+# the last project configured here instead of what the user set.
+_USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
 def tracking_uri(home: Path) -> str:
-    """The tracking URI to use: MLFLOW_TRACKING_URI, else SQLite under ``home``."""
-    configured = os.environ.get("MLFLOW_TRACKING_URI")
-    if configured:
-        return configured
+    """The tracking URI to use: MLFLOW_TRACKING_URI as the user set it, else SQLite under ``home``."""
+    if _USER_TRACKING_URI:
+        return _USER_TRACKING_URI
     return f"sqlite:///{(home / 'mlflow.db').absolute()}"
+
+
+def has_tracking_store(home: Path) -> bool:
+    """Whether there is an MLflow store to look in (without creating one)."""
+    return bool(_USER_TRACKING_URI) or (home / "mlflow.db").exists()
 
 
 def configure(home: Path) -> str:
