@@ -1,9 +1,12 @@
 """The ``uncool`` command.
 
-    uncool demo                     the main job (for now: the store, seen from Prefect)
+    uncool run [-S key=value]       the main job: the issue-labeler pipeline
+    uncool predict|serve            use the champion
+    uncool lineage|checkout|reproduce|exp show|diff   find, recover and audit runs
     uncool store put|get|cat|ls|du|verify|gc
     uncool server start|stop|status
     uncool block register           save the store as a Prefect block
+    uncool sample-data|demo
 
 Every store command takes ``--basepath URL`` (default: ``UNCOOL_STORE``, else
 ``.uncool/store`` in the working folder).
@@ -389,7 +392,7 @@ def reproduce(target: str, /, *, basepath: Basepath = None) -> int:
 
 @app.command(name="sample-data")
 def sample_data(dest: Path, /, *, day: int, seed: int = 0) -> None:
-    """Write day DAY of the sample issues into DEST (<label>/<id>.txt), deterministically.
+    """Write day DAY of the sample issues into DEST as LABEL/ID.txt files, deterministically.
 
     Parameters
     ----------
@@ -423,7 +426,7 @@ _register_lineage_commands()
 # -- demo ------------------------------------------------------------------
 @app.command
 def demo(*, runs: int = 2) -> int:
-    """The main job: a small flow whose results land in the store, run twice.
+    """A tour of the store: a small flow whose results land in it, run twice.
 
     Finds or starts a local Prefect server, saves the store as the block
     `content-addressed-storage/uncool-demo`, runs flows/store_demo.py in a
