@@ -28,7 +28,9 @@ class Project(BaseProject):
     def model_versions(self) -> dict[str, dict[str, object]]:
         from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri=f"sqlite:///{self.home / 'mlflow.db'}")
+        uri = f"sqlite:///{self.home / 'mlflow.db'}"
+        # NOTE: both URIs: another in-process test may have set MLflow's global registry.
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         try:
             versions = client.search_model_versions("name='issue-labeler'")
         except Exception:  # noqa: BLE001 - no database yet: no versions

@@ -402,9 +402,10 @@ class LocalBackend:
         parent = final.rpartition("/")[0]
         with _local_errors(final):
             try:
-                if os.path.exists(final):
+                # NOTE: freshen, not exists: an object a gc takes between the
+                # check and here must be written again, not counted as present.
+                if self.freshen(rel):
                     os.unlink(temp)
-                    self.freshen(rel)
                     return False
                 if parent not in self._made_dirs:
                     self._ensure_dir(parent)
