@@ -293,14 +293,9 @@ def _run_flow(flow_file: Path, data: Path) -> dict[str, Any]:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
     result: dict[str, Any] = json.loads(line.split(" ", 1)[1])
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from uncool_prefect.runner import task_states
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[result["flow_run_id"]]))
-        )
-    result["states"] = [run.state.name for run in runs if run.state]
+    result["states"] = list(task_states(str(result["flow_run_id"])).values())
     return result
 
 

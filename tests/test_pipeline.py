@@ -13,6 +13,7 @@ import pytest
 from project import PROJECT, UNCOOL
 from project import Project as BaseProject
 
+from uncool_prefect.runner import task_states
 from uncool_prefect.sources import write_sample, write_sample_day
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
@@ -38,18 +39,6 @@ class Project(BaseProject):
         # NOTE: search results carry no aliases; get_model_version does.
         full = [client.get_model_version("issue-labeler", v.version) for v in versions]
         return {str(v.version): {"aliases": set(v.aliases), "tags": v.tags} for v in full}
-
-
-def task_states(flow_run_id: str) -> dict[str, str]:
-    """Stage -> final state, read back from the Prefect server."""
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs if run.state}
 
 
 @pytest.fixture

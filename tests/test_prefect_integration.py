@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from uncool_prefect import ContentAddressedStorage
+from uncool_prefect.runner import task_states
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -79,17 +80,6 @@ def _run_flow(path: Path) -> dict[str, object]:
     return dict(json.loads(line.split(" ", 1)[1]))
 
 
-def _task_states(flow_run_id: str) -> dict[str, str]:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs if run.state}
-
-
 def _save_block(name: str, basepath: Path) -> ContentAddressedStorage:
     block = ContentAddressedStorage(basepath=str(basepath))
     block.save(name, overwrite=True)
@@ -130,11 +120,11 @@ def test_second_run_in_a_new_process_is_cached_and_deduplicated(
 
     first = _run_flow(flow_file)
     assert first["result"] == sum(i * i for i in range(1000))
-    assert set(_task_states(str(first["flow_run_id"])).values()) == {"Completed"}
+    assert set(task_states(str(first["flow_run_id"])).values()) == {"Completed"}
 
     second = _run_flow(flow_file)
     assert second["result"] == first["result"]
-    states = _task_states(str(second["flow_run_id"]))
+    states = task_states(str(second["flow_run_id"]))
     assert states == {"featurize": "Cached", "total": "Cached", "total_again": "Cached"}
 
     # total and total_again return the same value: one object, several refs.
@@ -180,6 +170,6 @@ def test_a_corrupted_cached_result_is_recomputed_not_returned(tmp_path: Path) ->
 
     second = _run_flow(flow_file)
     assert second["result"] == first["result"]
-    states = _task_states(str(second["flow_run_id"]))
+    states = task_states(str(second["flow_run_id"]))
     assert states["featurize"] == "Completed"  # recomputed: the bad copy was refused
     assert store.verify() == []  # and the store healed itself

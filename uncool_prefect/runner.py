@@ -97,8 +97,8 @@ class RunOutcome:
         return bool(self.stage_states) and all(s == "Cached" for s in self.stage_states.values())
 
 
-def stage_states(flow_run_id: str) -> dict[str, str]:
-    """Each stage's final state name, as the server recorded it."""
+def task_states(flow_run_id: str) -> dict[str, str]:
+    """Task name -> final state name of every task run of a flow run, from the server."""
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -106,7 +106,13 @@ def stage_states(flow_run_id: str) -> dict[str, str]:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
         )
-    states = {run.name.rsplit("-", 1)[0]: str(run.state.name) for run in runs if run.state}
+    # Task run names are "<task name>-<3 hex>".
+    return {run.name.rsplit("-", 1)[0]: str(run.state.name) for run in runs if run.state}
+
+
+def stage_states(flow_run_id: str) -> dict[str, str]:
+    """Each pipeline stage's final state name, in pipeline order."""
+    states = task_states(flow_run_id)
     return {name: states[name] for name in STAGES if name in states}
 
 

@@ -245,9 +245,6 @@ class LocalBackend:
     def url_for(self, rel: str) -> str:
         return str(self.root / rel)
 
-    def path_for(self, rel: str) -> Path:
-        return self.root / rel
-
     # -- reading -----------------------------------------------------------
     def stat(self, rel: str) -> FileStat | None:
         try:

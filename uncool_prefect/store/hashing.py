@@ -278,7 +278,3 @@ class StatCache:
         self, path: str, st: os.stat_result, oid: str, algorithm: str, hashed_at_ns: int
     ) -> None:
         self.record_many([(path, st, oid)], algorithm, hashed_at_ns)
-
-
-def json_dumps_canonical(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")

@@ -65,11 +65,3 @@ def parse_oid(oid: str) -> tuple[str, bool]:
             f"(optionally followed by {DIR_SUFFIX!r}), as printed by `uncool store put`"
         )
     return digest, is_dir
-
-
-def looks_like_oid(text: str) -> bool:
-    try:
-        parse_oid(text)
-    except InvalidKeyError:
-        return False
-    return True
