@@ -49,6 +49,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import loadavg
+
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work" / "block_write"
 GOAL_RATIO = 1.3
@@ -137,14 +139,6 @@ def run_writes(write: Callable[..., Any], contents: list[bytes]) -> float:
     for i, content in enumerate(contents):
         write(key_of(i), content, _sync=True)
     return time.perf_counter() - started
-
-
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
 
 
 def main() -> None:

@@ -58,9 +58,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import dvc_bin
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / ".work" / "pipeline"
-DVC_VENV = ROOT / "bench" / ".work" / "dvc-venv"
 PYTHON = Path(sys.executable)
 STAGES = ("get-data", "split", "train", "evaluate", "deploy")
 DVC_STAGES = ("get_data", "split", "train", "evaluate")
@@ -360,17 +361,6 @@ stages:
 """
 
 
-def ensure_dvc_venv() -> Path:
-    dvc = DVC_VENV / "bin" / "dvc"
-    if dvc.exists():
-        return dvc
-    print(f"creating {DVC_VENV} (pip install dvc) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(DVC_VENV)], check=True)
-    subprocess.run([str(DVC_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "dvc"],
-                   check=True)
-    return dvc
-
-
 class Dvc:
     def __init__(self, dvc: Path, repo: Path, data: Path) -> None:
         self.dvc = str(dvc)
@@ -453,7 +443,7 @@ def bench(repeat: int) -> int:
         print(f"  ours param: {[round(s.wall, 2) for s in cases['param'][0].samples]}",
               flush=True)
 
-    dvc = Dvc(ensure_dvc_venv(), WORK / "dvc-repo", data)
+    dvc = Dvc(dvc_bin(), WORK / "dvc-repo", data)
     version = subprocess.run([dvc.dvc, "--version"], capture_output=True, text=True,
                              check=True).stdout.strip()
     cases["cold"][1].samples.append(dvc.repro())

@@ -57,10 +57,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _common import dvc_bin, loadavg
+
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
 RUN = WORK / "put_local"
-DVC_VENV = WORK / "dvc-venv"
 MiB = 1 << 20
 CHUNK = 1 << 20
 
@@ -234,17 +235,6 @@ def rss_growth(path: Path, repeat: int, runs: Runs, expect: str) -> list[float]:
 
 # -- dvc ---------------------------------------------------------------------------
 
-def dvc_bin() -> Path:
-    dvc = DVC_VENV / "bin" / "dvc"
-    if dvc.exists():
-        return dvc
-    print(f"installing dvc into {DVC_VENV} (once; reused by later runs) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(DVC_VENV)], check=True)
-    subprocess.run([str(DVC_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "dvc"],
-                   check=True)
-    return dvc
-
-
 def _dvc_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update({"DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"})
@@ -336,14 +326,6 @@ def goal_cell(value: float | None, goal: float, unit: str = "s") -> str:
 
 def samples(values: list[float] | None) -> str:
     return "[" + ", ".join(f"{v:.3f}" for v in values) + "]" if values else ""
-
-
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
 
 
 def main() -> None:
