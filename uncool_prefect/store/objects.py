@@ -372,17 +372,19 @@ class ObjectStore:
             spool.unlink(missing_ok=True)
 
     def put_dir(
-        self, path: str | os.PathLike[str], callback: Callback | None = None
+        self, path: str | os.PathLike[str], callback: Callback | None = None,
+        include: Callable[[str], bool] | None = None,
     ) -> ObjectRef:
         """Store a folder: every file as an object, then its manifest (``.dir``).
 
         The manifest is written last, so a manifest in the store always lists
-        objects that are in the store too.
+        objects that are in the store too. ``include`` (relative posix path ->
+        bool) leaves files out, e.g. a writer's temporary files.
         """
         root = Path(path)
         if not root.is_dir():
             raise StoreError(f"cannot put {root}: not a folder")
-        files = list(walk_files(root))
+        files = [item for item in walk_files(root) if include is None or include(item[0])]
         for rel, _ in files:
             _check_manifest_path(root, rel)
         callback = callback or NoOpCallback()
