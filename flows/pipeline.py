@@ -203,18 +203,35 @@ def _flat(params: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return list(flatten(params, prefix))
 
 
+def dataset_folder(dataset: str) -> Path:
+    """A local copy of a dataset already in the store (as the watcher announced it)."""
+    dest = get_settings().home.absolute() / "data" / "datasets" / dataset
+    if not dest.is_dir():  # get_dir builds aside and renames: a folder here is complete
+        _store().get_dir(dataset, dest)
+    return dest
+
+
 @flow(name="train-evaluate-deploy", log_prints=True)
-def train_evaluate_deploy(params: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+def train_evaluate_deploy(params: dict[str, Any] | None = None, source: str | None = None,
+                          dataset: str | None = None) -> dict[str, Any]:
     """The whole pipeline on one data snapshot.
 
     Args:
-        params: The resolved params.yaml (see `uncool run -S`).
+        params: The resolved params.yaml (see `uncool run -S`); by default the
+            params.yaml beside this file, as versioned with the code.
         source: A local data folder; by default the one ``params["data"]`` names.
+        dataset: The object id of a dataset in the store, e.g. from an
+            ``uncool.dataset.updated`` event; wins over ``source``.
     """
-    from uncool_prefect.params import params_hash
+    from uncool_prefect.params import load_params, params_hash
 
     started = time.time()
-    if source is None:
+    if not params:
+        params = load_params(FLOWS_DIR / "params.yaml")
+    # NOTE: deployment triggers pass "" for a payload field that is missing.
+    if dataset:
+        source = str(dataset_folder(dataset))
+    elif not source:
         source = str(materialize_source(params["data"]))
     labels = list(params["data"]["labels"])
     states: dict[str, str] = {}

@@ -3,6 +3,7 @@
     uncool run [-S key=value]       the main job: the issue-labeler pipeline
     uncool predict|serve            use the champion
     uncool lineage|checkout|reproduce|exp show|diff   find, recover and audit runs
+    uncool deploy|worker|watch      deployments, a worker, the new-data watcher
     uncool store put|get|cat|ls|du|verify|gc
     uncool server start|stop|status
     uncool block register           save the store as a Prefect block
@@ -423,6 +424,18 @@ def _register_lineage_commands() -> None:
 _register_lineage_commands()
 
 
+# -- automation --------------------------------------------------------------
+def _register_automation_commands() -> None:
+    from .cli_automation import deploy, watch, worker
+
+    app.command(deploy)
+    app.command(worker)
+    app.command(watch)
+
+
+_register_automation_commands()
+
+
 # -- demo ------------------------------------------------------------------
 @app.command
 def demo(*, runs: int = 2) -> int:
@@ -460,11 +473,13 @@ def main() -> None:
 
 def _is_user_error(exc: BaseException) -> bool:
     """Errors whose message already says what to do: no traceback for those."""
+    from .deploy import DeployError
+    from .events import WatchError
     from .params import ParamsError
     from .server import ServerError
     from .sources import DataError
 
-    return isinstance(exc, (ServerError, ParamsError, LookupError, DataError))
+    return isinstance(exc, (ServerError, ParamsError, LookupError, DataError, DeployError, WatchError))
 
 
 if __name__ == "__main__":

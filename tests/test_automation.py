@@ -1,0 +1,113 @@
+"""New data in the watched folder -> a new evaluated model, with nobody running anything.
+
+A real Prefect server, `uncool deploy --watch` (work pool, blocks, code in the
+store, `prefect deploy --all`), Prefect's process worker (`uncool worker`) and
+the watcher as a flow run of its deployment, all on loopback.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from project import Project
+from stack import AutomationStack, flow_runs, wait_for
+from test_pipeline import latest_artifact
+
+from uncool_prefect.sources import write_sample, write_sample_day
+from uncool_prefect.store import ObjectStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[AutomationStack]:
+    project = Project(tmp_path, "automation")
+    write_sample(project.data, days=3, seed=5)
+    running = AutomationStack(project, tmp_path)
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+def _record(store: ObjectStore, flow_run_id: object) -> dict[str, object]:
+    return store.get_run_record(str(flow_run_id))
+
+
+def test_new_data_trains_evaluates_and_deploys_by_itself(stack: AutomationStack) -> None:
+    project = stack.project
+    store = ObjectStore(project.home / "store")
+    assert "train-evaluate-deploy/on-new-data" in stack.deploy_output.replace("…", "")
+
+    # The watcher announces what the folder holds when it starts: run 1.
+    (first,) = stack.wait_for_pipeline_runs(1)
+    assert first.state.is_completed(), stack.worker_log()[-4000:]
+    assert first.parameters["dataset"] == store.hash_path(project.data)
+
+    # The next day's data lands: one run, on exactly the new content.
+    day4 = write_sample_day(project.data, 4, seed=5)
+    runs = stack.wait_for_pipeline_runs(2)
+    assert len(runs) == 2
+    second = runs[1]
+    assert second.state.is_completed(), stack.worker_log()[-4000:]
+    new_dataset = store.hash_path(project.data)
+    assert second.parameters["dataset"] == new_dataset != first.parameters["dataset"]
+    record = _record(store, second.id)
+    assert record["inputs"]["data"] == new_dataset  # type: ignore[index]
+    assert record["trigger"]["kind"] == "event"  # type: ignore[index]
+    assert record["stages"]["get-data"]["state"] == "Completed"  # type: ignore[index]
+    # Promoted or not, the report says which and why.
+    report = str(latest_artifact("issue-labeler-report").data)
+    version = record["mlflow"]["model_version"]  # type: ignore[index]
+    assert f"v{version}: " in report and "**Why:**" in report
+    assert ("promoted to **champion**" in report) == record["stages"]["deploy"]["outputs"]["promoted"]  # type: ignore[index]
+    assert new_dataset in report
+
+    # The same content again, under new names: announced never, run never.
+    for path in day4[:10]:
+        shutil.copy(path, path.with_name(f"again-{path.name}"))
+    watcher_run = flow_runs(stack.WATCHER)[-1]
+    wait_for(lambda: "same content as the last announcement" in _logs(watcher_run.id), 60,
+             "the watcher to see the copies")
+    assert len(flow_runs(stack.PIPELINE)) == 2
+
+    # The daily deployment is there with its schedule, on the same pool.
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        daily = client.read_deployment_by_name(stack.DAILY)
+    assert [s.schedule.cron for s in daily.schedules] == ["0 6 * * *"]  # type: ignore[union-attr]
+    assert daily.work_pool_name == "uncool-local"
+    assert daily.pull_steps == [{"uncool_prefect.deploy.pull_code": {"ref": "deployments/code"}}]
+
+
+def test_deploy_names_an_unreachable_server(tmp_path: Path) -> None:
+    project = Project(tmp_path, "unreachable")
+    project.env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"
+    done = project.uncool("deploy")
+    assert done.returncode == 2
+    assert "does not answer" in done.stderr and "127.0.0.1:9" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_worker_without_a_project_home_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pull step refuses a relative UNCOOL_HOME: runs would record apart from the project."""
+    from uncool_prefect.deploy import DeployError, pull_code
+
+    monkeypatch.setenv("UNCOOL_HOME", ".uncool")
+    with pytest.raises(DeployError, match="uncool worker"):
+        pull_code()
+
+
+def _logs(flow_run_id: object) -> str:
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[flow_run_id])))  # type: ignore[list-item]
+    return "\n".join(log.message for log in logs)

@@ -1,0 +1,203 @@
+"""``uncool deploy``: the pipeline as Prefect deployments on a work pool.
+
+The deployments are declared in ``deployments/prefect.yaml`` and applied with
+Prefect's own ``prefect deploy --all``; this module does what has to be true
+first (a reachable server, the work pool, the block types, the store block)
+and ships the code.
+
+The code travels through the store, not through a path on the deploying
+machine: ``publish_code`` stores the project's ``flows/`` folder as an object
+and points ``refs/deployments/code`` at it; the deployments' pull step,
+:func:`pull_code`, materializes that object wherever the flow run starts, so a
+worker needs the installed package and the store, nothing else. The code a
+run used is then a content hash, like its data and its model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .settings import get_settings
+from .store import ObjectRef, ObjectStore
+
+POOL = "uncool-local"
+PREFECT_FILE = Path("deployments") / "prefect.yaml"
+CODE_REF = "deployments/code"
+# Seconds between a worker's polls for scheduled runs (Prefect's default: 10).
+WORKER_QUERY_SECONDS = 1.0
+
+
+class DeployError(RuntimeError):
+    """Deploying failed; the message says why and what to do."""
+
+
+def publish_code(store: ObjectStore, project: Path) -> ObjectRef:
+    """Store ``<project>/flows`` as ``flows/`` of a folder object; point the code ref at it."""
+    flows = project / "flows"
+    with tempfile.TemporaryDirectory(prefix="uncool-code-") as tmp:
+        shutil.copytree(flows, Path(tmp) / "flows",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+        ref = store.put_dir(tmp)
+    store.set_ref(CODE_REF, ref, project=project.name)
+    return ref
+
+
+def pull_code(ref: str = CODE_REF, block: str | None = None) -> dict[str, str]:
+    """Deployment pull step: the published code, materialized in this machine's cache.
+
+    Returns ``{"directory": ...}``: Prefect changes into it before it loads
+    the flow's entrypoint. Used from prefect.yaml as
+
+        pull:
+          - uncool_prefect.deploy.pull_code: {}
+    """
+    from .blocks import ContentAddressedStorage
+
+    home = os.environ.get("UNCOOL_HOME")
+    if not home or not Path(home).is_absolute():
+        # NOTE: the flow runs inside the code folder; a relative home would
+        # put MLflow and the data cache in there, apart from the project's.
+        raise DeployError(
+            "UNCOOL_HOME is not an absolute path on this worker: start the worker with "
+            "`uncool worker` from the project folder, or set UNCOOL_HOME (and the store "
+            "block, UNCOOL_BLOCK) in the work pool's job variables"
+        )
+    name = block or get_settings().block
+    store: ObjectStore = ContentAddressedStorage.load(name).store  # type: ignore[attr-defined]
+    oid = store.get_ref(ref)["oid"]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    dest = cache / "uncool-prefect" / "code" / oid
+    if not dest.is_dir():  # get_dir builds aside and renames: a folder here is complete
+        store.get_dir(oid, dest)
+    return {"directory": str(dest), "code": oid}
+
+
+def ensure_work_pool(name: str = POOL) -> str:
+    """Create the process work pool, or check the one there; returns what was done."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(
+                name=name, type="process",
+                base_job_template=ProcessWorker.get_default_base_job_template(),
+                description="uncool-prefect: the issue labeler's deployments (process worker)",
+            ))
+            return "created"
+    if pool.type != "process":
+        raise DeployError(f"work pool {name!r} exists with type {pool.type!r}; the deployments "
+                          "in deployments/prefect.yaml need a process pool: delete it or rename "
+                          "work_pool.name there")
+    return "exists"
+
+
+def register_blocks() -> str:
+    """Register the block types and point the store block at the project's store."""
+    from .blocks import ContentAddressedStorage
+    from .runner import ensure_block
+
+    ContentAddressedStorage.register_type_and_schema()
+    return ensure_block(get_settings().block)
+
+
+def apply_deployments(project: Path, api_url: str) -> str:
+    """``prefect deploy --all`` on deployments/prefect.yaml, from the project folder."""
+    prefect_file = project / PREFECT_FILE
+    if not prefect_file.exists():
+        raise DeployError(f"{prefect_file} is missing; it declares the deployments")
+    prefect = Path(sys.executable).with_name("prefect")
+    command = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy", "--all",
+               "--prefect-file", str(PREFECT_FILE)]
+    done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PREFECT_API_URL": api_url})
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise DeployError(f"`{' '.join(command[1:])}` failed (exit {done.returncode}):\n{tail}")
+    return done.stdout
+
+
+@dataclass
+class DeploymentInfo:
+    name: str
+    schedules: list[str]
+    triggers: list[str]
+    work_pool: str | None
+
+
+def read_deployments(flow_names: tuple[str, ...] = ("train-evaluate-deploy", "uncool-watch")
+                     ) -> list[DeploymentInfo]:
+    """The project's deployments as the server has them."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=list(flow_names))))
+        flows = {f.id: f.name for f in client.read_flows(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=list(flow_names))))}
+        automations = client.read_automations()
+    infos = []
+    for deployment in deployments:
+        schedules = [str(getattr(s.schedule, "cron", None) or s.schedule) for s in deployment.schedules]
+        triggers = [
+            ", ".join(sorted(a.trigger.expect)) for a in automations  # type: ignore[attr-defined]
+            if any(str(getattr(action, "deployment_id", "")) == str(deployment.id)
+                   for action in a.actions) and hasattr(a.trigger, "expect")
+        ]
+        infos.append(DeploymentInfo(f"{flows.get(deployment.flow_id, '?')}/{deployment.name}",
+                                    schedules, triggers, deployment.work_pool_name))
+    return sorted(infos, key=lambda d: d.name)
+
+
+def start_watcher(url: str, name: str, deployment: str = "uncool-watch/watch-issues") -> tuple[str, bool]:
+    """A flow run of the watcher deployment on ``url``, unless one is already active.
+
+    Returns the flow run id and whether it was created now.
+    """
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    active = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
+    with get_client(sync_client=True) as client:
+        target = client.read_deployment_by_name(deployment)
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[target.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=active))),
+        )
+        for run in runs:
+            if run.parameters.get("url") == url and run.parameters.get("name") == name:
+                return str(run.id), False
+        run = client.create_flow_run_from_deployment(
+            target.id, parameters={"url": url, "name": name},
+        )
+    return str(run.id), True
+
+
+def worker_environment(project: Path, api_url: str) -> dict[str, Any]:
+    """The environment `uncool worker` gives Prefect's process worker and its flow runs."""
+    env = dict(os.environ)
+    env["PREFECT_API_URL"] = api_url
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", str(WORKER_QUERY_SECONDS))
+    home = Path(env.get("UNCOOL_HOME") or get_settings().home)
+    env["UNCOOL_HOME"] = str(home if home.is_absolute() else (project / home).absolute())
+    return env
