@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the throwaway dvc virtualenv and the load average.
+"""What the benchmark scripts share: a Prefect server, the dvc virtualenv, the load average.
 
 dvc is never a dependency of this project: it lives in bench/.work/dvc-venv,
 created on first use and reused by every benchmark after that.
@@ -6,8 +6,16 @@ created on first use and reused by every benchmark after that.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 DVC_VENV = Path(__file__).resolve().parent / ".work" / "dvc-venv"
@@ -32,3 +40,59 @@ def loadavg() -> str:
             return " ".join(f.read().split()[:3])
     except OSError:
         return "?"
+
+
+def bin_path(name: str) -> str:
+    """A console script of this virtualenv (prefect, uncool), else from PATH."""
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _healthy(api_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=1.0) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def prefect_server(prefect_home: Path) -> Iterator[str]:
+    """A ``prefect server start`` on a free loopback port; stopped (whole group) on exit."""
+    prefect_home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log_path = prefect_home / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [bin_path("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not _healthy(api_url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited {proc.returncode}; see {log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server not healthy in 120 s; see {log_path}")
+            time.sleep(0.3)
+        yield api_url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

@@ -40,25 +40,24 @@ Re-run cases report the median of ``--repeat`` runs (min-max in brackets).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import dvc_bin
+from _common import bin_path as _bin
+from _common import dvc_bin, prefect_server
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / ".work" / "pipeline"
@@ -74,20 +73,6 @@ JSON_MARK = "BENCH-JSON "
 
 # -- helpers -----------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _healthy(api_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api_url}/health", timeout=1.0) as resp:
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
 def _post_json(url: str, body: dict[str, Any]) -> Any:
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
@@ -95,11 +80,6 @@ def _post_json(url: str, body: dict[str, Any]) -> Any:
     )
     with urllib.request.urlopen(request, timeout=30) as resp:
         return json.loads(resp.read())
-
-
-def _bin(name: str) -> str:
-    local = PYTHON.with_name(name)
-    return str(local) if local.exists() else name
 
 
 def _run(command: Sequence[str], *, cwd: Path, env: dict[str, str]) -> tuple[float, str]:
@@ -111,42 +91,6 @@ def _run(command: Sequence[str], *, cwd: Path, env: dict[str, str]) -> tuple[flo
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}:\n{proc.stdout[-6000:]}")
     return wall, proc.stdout
-
-
-@contextlib.contextmanager
-def prefect_server(prefect_home: Path) -> Iterator[str]:
-    """A ``prefect server start`` on a free loopback port; stopped (whole group) on exit."""
-    prefect_home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    log_path = prefect_home / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while not _healthy(api_url):
-            if proc.poll() is not None:
-                raise RuntimeError(f"prefect server exited {proc.returncode}; see {log_path}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prefect server not healthy in 120 s; see {log_path}")
-            time.sleep(0.3)
-        yield api_url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 @dataclass

@@ -1,0 +1,114 @@
+"""Benchmark: new data lands -> a pipeline flow run is Running, with nobody running anything.
+
+Usage::
+
+    .venv/bin/python bench/latency.py [--arrivals 10]
+
+Everything real and on loopback, under ``bench/.work/latency/`` (wiped at the
+start): a ``prefect server start`` on a free port, ``uncool deploy --watch``
+(work pool, blocks, code in the store, ``prefect deploy --all``), ``uncool
+worker`` (Prefect's process worker, 1 s poll) and the watcher as a flow run of
+its deployment (0.5 s quiet window). The sample data's days 1-3 are there
+first; their run is not timed.
+
+Each arrival writes the next day of sample issues (60 files, each written
+atomically) into the watched folder; t0 is when the last file is in place.
+Timed from t0, read from the server: the flow run of ``on-new-data`` created
+by the trigger (``created``), and the run entering Running (its
+``start_time``, set by the server), then Completed. The next arrival waits
+until the run is over. Goal: p50 <= 5 s and p95 <= 15 s to Running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from _common import loadavg, prefect_server
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "bench" / ".work" / "latency"
+GOAL_P50_S, GOAL_P95_S = 5.0, 15.0
+
+
+def _percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a small sample."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.4999)))
+    return ordered[rank - 1]
+
+
+def _seconds(moment: datetime | None, t0: float) -> float:
+    return float("nan") if moment is None else moment.timestamp() - t0
+
+
+def bench(arrivals: int) -> int:
+    sys.path.insert(0, str(ROOT / "tests"))
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    os.environ.update({"PREFECT_HOME": str(WORK / "prefect-home"),
+                       "XDG_CACHE_HOME": str(WORK / "cache"),
+                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    with prefect_server(WORK / "prefect-home") as api_url:
+        os.environ["PREFECT_API_URL"] = api_url  # before Prefect is imported below
+        from project import Project
+        from stack import AutomationStack, flow_runs, wait_for
+
+        from uncool_prefect.sources import write_sample, write_sample_day
+
+        project = Project(WORK, "latency")
+        write_sample(project.data, days=3, seed=0)
+        stack = AutomationStack(project, WORK)
+        print(f"load average {loadavg()}; server {api_url}", flush=True)
+        try:
+            stack.start()
+            stack.wait_for_pipeline_runs(1)
+            print("first run (days 1-3, untimed) done; timing arrivals", flush=True)
+            rows: list[tuple[int, float, float, float, str]] = []
+            for n in range(arrivals):
+                day = 4 + n
+                before = len(flow_runs(stack.PIPELINE))
+                write_sample_day(project.data, day, seed=0)
+                t0 = time.time()
+                run = wait_for(lambda b=before: [r for r in flow_runs(stack.PIPELINE)[b:]
+                                                 if r.start_time] or None, 120,
+                               f"a Running flow run for day {day}", interval=0.05)[0]
+                runs = stack.wait_for_pipeline_runs(before + 1)
+                done = next(r for r in runs if r.id == run.id)
+                row = (day, _seconds(run.created, t0), _seconds(run.start_time, t0),
+                       _seconds(done.end_time, t0), str(done.state_name))
+                rows.append(row)
+                print(f"day {day:>2}: created {row[1]:5.2f} s, Running {row[2]:5.2f} s, "
+                      f"{row[4]} {row[3]:5.2f} s", flush=True)
+        finally:
+            stack.stop()
+    running = [r[2] for r in rows]
+    created = [r[1] for r in rows]
+    p50, p95 = statistics.median(running), _percentile(running, 95)
+    print()
+    print(f"{'new data -> ':<28}{'p50':>8}{'p95':>8}{'max':>8}   goal")
+    print(f"{'flow run created (trigger)':<28}{statistics.median(created):8.2f}"
+          f"{_percentile(created, 95):8.2f}{max(created):8.2f}")
+    print(f"{'flow run Running':<28}{p50:8.2f}{p95:8.2f}{max(running):8.2f}   "
+          f"p50 <= {GOAL_P50_S:g}, p95 <= {GOAL_P95_S:g}: "
+          f"{'met' if p50 <= GOAL_P50_S and p95 <= GOAL_P95_S else 'MISSED'}")
+    print(f"runs completed: {sum(r[4] == 'Completed' for r in rows)}/{len(rows)}; "
+          f"load average {loadavg()}")
+    return 0 if all(r[4] == "Completed" for r in rows) else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arrivals", type=int, default=10, help="timed arrivals (default 10)")
+    args = parser.parse_args()
+    return bench(args.arrivals)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
