@@ -8,6 +8,8 @@ Cancel the flow run to stop watching.
 
 from __future__ import annotations
 
+from typing import cast
+
 from prefect import flow, get_run_logger
 
 from uncool_prefect import ContentAddressedStorage
@@ -27,7 +29,7 @@ def watch_dataset(url: str, name: str = "issues", debounce: float = 0.5,
         poll_interval: Seconds between listings of an s3:// prefix.
     """
     logger = get_run_logger()
-    store = ContentAddressedStorage.load(get_settings().block).store  # type: ignore[attr-defined]
+    store = cast(ContentAddressedStorage, ContentAddressedStorage.load(get_settings().block)).store
     watcher = DatasetWatcher(url, name, store, debounce=debounce, poll_interval=poll_interval)
     logger.info("watching %s as uncool.dataset.%s (store %s)", url, name, store.url)
     watcher.run(on_result=lambda result: logger.info("%s", result.reason))

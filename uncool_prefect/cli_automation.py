@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 from cyclopts import Parameter
 
@@ -126,7 +126,7 @@ def watch(
 
     _server()
     ensure_block(_block())
-    store = ContentAddressedStorage.load(_block()).store  # type: ignore[attr-defined]
+    store = cast(ContentAddressedStorage, ContentAddressedStorage.load(_block())).store
     where = url if "://" in url else str(Path(url).absolute())
     watcher = DatasetWatcher(where, name, store, debounce=debounce, poll_interval=poll_interval)
 

@@ -22,7 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .settings import get_settings
 from .store import ObjectRef, ObjectStore
@@ -70,7 +70,7 @@ def pull_code(ref: str = CODE_REF, block: str | None = None) -> dict[str, str]:
             "block, UNCOOL_BLOCK) in the work pool's job variables"
         )
     name = block or get_settings().block
-    store: ObjectStore = ContentAddressedStorage.load(name).store  # type: ignore[attr-defined]
+    store = cast(ContentAddressedStorage, ContentAddressedStorage.load(name)).store
     oid = store.get_ref(ref)["oid"]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     dest = cache / "uncool-prefect" / "code" / oid
@@ -152,7 +152,7 @@ def read_deployments(flow_names: tuple[str, ...] = ("train-evaluate-deploy", "un
     for deployment in deployments:
         schedules = [str(getattr(s.schedule, "cron", None) or s.schedule) for s in deployment.schedules]
         triggers = [
-            ", ".join(sorted(a.trigger.expect)) for a in automations  # type: ignore[attr-defined]
+            ", ".join(sorted(getattr(a.trigger, "expect", ()))) for a in automations
             if any(str(getattr(action, "deployment_id", "")) == str(deployment.id)
                    for action in a.actions) and hasattr(a.trigger, "expect")
         ]

@@ -103,12 +103,12 @@ def emit_dataset_event(name: str, payload: dict[str, Any]) -> str:
     from prefect.events import Event
     from prefect.events.clients import get_events_client
 
-    event = Event(
-        event=EVENT,
-        resource={"prefect.resource.id": f"{RESOURCE_PREFIX}{name}",
-                  "prefect.resource.name": name, "uncool.url": str(payload.get("url", ""))},
-        payload=payload,
-    )
+    event = Event.model_validate({
+        "event": EVENT,
+        "resource": {"prefect.resource.id": f"{RESOURCE_PREFIX}{name}",
+                     "prefect.resource.name": name, "uncool.url": str(payload.get("url", ""))},
+        "payload": payload,
+    })
 
     async def send() -> None:
         async with get_events_client() as client:
@@ -260,8 +260,10 @@ class DatasetWatcher:
     def _local_changes(self, stop: threading.Event) -> Iterator[None]:
         import watchfiles
 
+        assert self.root is not None
+
         def relevant(_change: Any, path: str) -> bool:
-            assert self.root is not None
+            assert self.root is not None  # for mypy, inside the closure
             rel = os.path.relpath(path, self.root).replace(os.sep, "/")
             return rel == "." or is_dataset_file(rel) or os.path.isdir(path)
 
