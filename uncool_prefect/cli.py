@@ -473,13 +473,15 @@ def main() -> None:
 
 def _is_user_error(exc: BaseException) -> bool:
     """Errors whose message already says what to do: no traceback for those."""
+    from .compute import ComputeError
     from .deploy import DeployError
     from .events import WatchError
     from .params import ParamsError
     from .server import ServerError
     from .sources import DataError
 
-    return isinstance(exc, (ServerError, ParamsError, LookupError, DataError, DeployError, WatchError))
+    return isinstance(exc, (ServerError, ParamsError, LookupError, DataError, DeployError,
+                                WatchError, ComputeError))
 
 
 if __name__ == "__main__":

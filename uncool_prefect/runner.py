@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any, cast
 from uuid import UUID
 
-from . import server
+from . import compute, server
 from .params import apply_overrides, load_params
 from .settings import get_settings
 from .sources import load_examples
@@ -131,8 +131,10 @@ def run_pipeline(project: Path, params: dict[str, Any], api_url: str,
         pipeline = load_pipeline(project)
         store_url = ensure_block(pipeline.BLOCK)
         source = pipeline.materialize_source(params["data"])
-        # Bad data fails here, with one clear line, before any stage starts.
+        # Bad data, or a Dask scheduler that does not answer, fails here with
+        # one clear line, before any stage starts.
         load_examples(source, list(params["data"]["labels"]))
+        compute.preflight()
         state = pipeline.train_evaluate_deploy(params=params, source=str(source),
                                                return_state=True)
         flow_run_id = str(state.state_details.flow_run_id)

@@ -32,6 +32,15 @@ class UncoolSettings(BaseSettings):
     state_dir: Path | None = Field(
         default=None, description="Where the stat cache of a store lives (machine-local)."
     )
+    dask_address: str | None = Field(
+        default=None,
+        description="Address of an existing Dask scheduler (e.g. tcp://10.0.0.5:8786) that runs "
+        "the training sweep; default: a local cluster (Dask-CUDA when GPUs are found).",
+    )
+    dask_workers: int | None = Field(
+        default=None, description="Workers of the local Dask cluster; default: one per GPU, "
+        "else one per core.",
+    )
 
     @property
     def store_url(self) -> str:
