@@ -12,6 +12,7 @@ Prefect decides here with the ContentAware cache policy.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import tempfile
 import time
@@ -23,7 +24,7 @@ import labeler
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from uncool_prefect import reports, tracking
+from uncool_prefect import compute, reports, tracking
 from uncool_prefect.caching import ContentAware
 from uncool_prefect.lineage import build_record, run_trigger, snapshot_code, snapshot_environment
 from uncool_prefect.settings import get_settings
@@ -82,32 +83,141 @@ def split(dataset: str, labels: list[str], test_size: float, seed: int) -> dict[
     }
 
 
+def _block_store() -> Any:
+    """The store, loaded afresh: unlike ``_store`` it pickles by value.
+
+    NOTE: Dask workers receive the train and trial tasks (and all they reach)
+    pickled by value, since they cannot import this file; a functools.cache
+    wrapper pickles by name only.
+    """
+    from uncool_prefect import ContentAddressedStorage
+
+    return ContentAddressedStorage.load(BLOCK).store
+
+
+@stage(name="trial")
+def trial(train_split: str, params: dict[str, Any], selection: dict[str, Any],
+          device: str) -> dict[str, Any]:
+    """One point of the sweep, on a Dask worker: fit, score on held-out rows, refit, store.
+
+    Cached by content like every stage: the same split, params, selection and
+    device (and code) give the stored model back without training.
+    """
+    store = _block_store()
+    rows = labeler.jsonl_to_rows(store.get_bytes(train_split))
+    model, scores = labeler.run_trial(rows, params, selection["metric"], float(selection["val_size"]),
+                                      int(selection["seed"]), device)
+    return {"model": store.put_bytes(labeler.dump_model(model)).oid, "params": params,
+            "scores": scores, "device": device}
+
+
+@flow(name="sweep")
+def sweep(train_split: str, points: list[dict[str, Any]], selection: dict[str, Any], device: str,
+          gpu: bool, refresh: bool = False) -> list[dict[str, Any]]:
+    """Every trial submitted at once to the flow's task runner (a Dask cluster).
+
+    Returns each trial's result with its final state (``Completed`` or ``Cached``).
+    """
+    import sys
+
+    import cloudpickle
+    import dask
+
+    # Workers cannot import this file (it is loaded by path) nor, on another
+    # machine, labeler.py: both travel by value with the task.
+    for module in (trial.fn.__module__, labeler.__name__):
+        cloudpickle.register_pickle_by_value(sys.modules[module])
+    futures = []
+    for params, point in points_and_labels(points):
+        task_ = trial.with_options(task_run_name=f"trial[{point}]", refresh_cache=refresh or None)
+        resources = {"GPU": 1} if gpu else {}
+        with dask.annotate(resources=resources):
+            futures.append(task_.submit(train_split, params, selection, device))
+    results = []
+    for future in futures:
+        result = future.result()  # a failed trial fails the sweep, with its error
+        results.append({**result, "state": future.state.name})
+    return results
+
+
+def points_and_labels(points: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """Each trial's params with a short label naming what the grid set (for run names)."""
+    return [(p["params"], ",".join(f"{k}={v}" for k, v in sorted(p["point"].items())) or "base")
+            for p in points]
+
+
 @stage(name="train")
 def train(train_split: str, params: dict[str, Any], lineage: dict[str, str],
           tracking_uri: str) -> dict[str, Any]:
-    """Fit the model, store it by hash, and log it to MLflow at ``tracking_uri``.
+    """The sweep over ``params["sweep"]``, the best trial's model stored and logged to MLflow.
 
-    The tracking URI is an input because the result names an MLflow run: a
-    result cached against another MLflow store would name a run it lacks.
+    The Dask cluster starts here, only on a cache miss: a no-op run starts none.
+    Each trial is an MLflow child run of this stage's run. The tracking URI is
+    an input because the result names an MLflow run: a result cached against
+    another MLflow store would name a run it lacks.
     """
     import mlflow
     import mlflow.sklearn
+    from prefect.settings import PREFECT_TASKS_REFRESH_CACHE
 
-    rows = labeler.jsonl_to_rows(_store().get_bytes(train_split))
-    model = labeler.fit(rows, params)
-    model_ref = _store().put_bytes(labeler.dump_model(model))
+    logger = get_run_logger()
+    config = dict(params.get("sweep") or {})
+    metric = str(config.get("metric", "macro_f1"))
+    selection = {"metric": metric, "val_size": float(config.get("val_size", 0.25)),
+                 "seed": int(params.get("seed", 0))}
+    points = [{"point": point, "params": labeler.trial_params(params, point)}
+              for point in labeler.expand_grid(config.get("grid"))]
+    choice = compute.probe(compute.choose())
+    device = str(config.get("device", "auto"))
+    if device == "auto":
+        device = "gpu" if choice.gpu else "cpu"
+    elif device == "gpu" and not choice.gpu:
+        raise compute.ComputeError(f"train.sweep.device is gpu but the cluster has no GPU: "
+                                   f"{choice.reason}; use -S train.sweep.device=auto")
+    runner = compute.task_runner(choice, log=logger)
+    logger.info("sweep: %d trial(s) on %s", len(points), device)
+    # NOTE: run in an empty context, so not as a subflow: a subflow adds a
+    # task run to the pipeline's flow run, whose task runs are its five stages
+    # (what `uncool run` reports and the run record keeps). The MLflow run and
+    # the log name the sweep's flow run instead.
+    swept = contextvars.Context().run(
+        sweep.with_options(task_runner=runner, flow_run_name=f"sweep-for-{flow_run.name}"),
+        train_split, points, selection, device, choice.gpu and device == "gpu",
+        refresh=bool(PREFECT_TASKS_REFRESH_CACHE.value()), return_state=True,
+    )
+    sweep_run_id = str(swept.state_details.flow_run_id)
+    trials = swept.result()
+    # The first of equals wins: the grid's order is stable.
+    best = max(range(len(trials)), key=lambda i: (trials[i]["scores"][metric], -i))
+    chosen = trials[best]
+    model = labeler.load_model(_block_store().get_bytes(chosen["model"]))
     tracking.configure(get_settings().home)
-    with mlflow.start_run(run_name=f"train-{model_ref.oid[:8]}") as run:
-        mlflow.log_params(dict(_flat(params)))
-        mlflow.set_tags({**lineage, "model_oid": model_ref.oid,
-                         "prefect_flow_run_id": str(flow_run.id or "")})
+    tags = {**lineage, "prefect_flow_run_id": str(flow_run.id or "")}
+    with mlflow.start_run(run_name=f"train-{chosen['model'][:8]}") as run:
+        mlflow.log_params({**dict(_flat(chosen["params"])),
+                           **{f"sweep.{k}": v for k, v in _flat(config)}})
+        mlflow.set_tags({**tags, "model_oid": chosen["model"], "prefect_sweep_flow_run_id": sweep_run_id,
+                         "sweep.trials": str(len(trials)),
+                         "sweep.best": points_and_labels(points)[best][1], "device": device})
         logged = mlflow.sklearn.log_model(
             model, name="model",
             pip_requirements=["scikit-learn", "numpy", "scipy"],
         )
-    get_run_logger().info("model %s, MLflow run %s", model_ref.oid, run.info.run_id)
-    return {"model": model_ref.oid, "mlflow_run_id": run.info.run_id,
-            "mlflow_model_uri": logged.model_uri}
+        for (_, label), result in zip(points_and_labels(points), trials, strict=True):
+            with mlflow.start_run(run_name=f"trial[{label}]", nested=True):
+                mlflow.log_params(dict(_flat(result["params"])))
+                mlflow.log_metrics({f"val_{k}": v for k, v in result["scores"].items()})
+                mlflow.set_tags({**tags, "model_oid": result["model"], "state": result["state"],
+                                 "chosen": str(result is chosen).lower(), "device": device})
+    logger.info("best of %d trial(s): %s (%s %.3f); model %s, MLflow run %s, sweep flow run %s",
+                len(trials), points_and_labels(points)[best][1], metric, chosen["scores"][metric],
+                chosen["model"], run.info.run_id, sweep_run_id)
+    return {"model": chosen["model"], "mlflow_run_id": run.info.run_id,
+            "mlflow_model_uri": logged.model_uri, "metric": metric, "device": device,
+            "runner": choice.kind, "sweep_flow_run_id": sweep_run_id,
+            "trials": [{"label": label, "state": t["state"], "model": t["model"],
+                        "scores": t["scores"]}
+                       for (_, label), t in zip(points_and_labels(points), trials, strict=True)]}
 
 
 @stage(name="evaluate")
