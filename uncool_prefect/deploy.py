@@ -31,7 +31,7 @@ POOL = "uncool-local"
 PREFECT_FILE = Path("deployments") / "prefect.yaml"
 CODE_REF = "deployments/code"
 # Seconds between a worker's polls for scheduled runs (Prefect's default: 10).
-WORKER_QUERY_SECONDS = 1.0
+WORKER_QUERY_SECONDS = 0.5
 
 
 class DeployError(RuntimeError):
