@@ -79,7 +79,7 @@ def worker(
     """Start Prefect's process worker for the deployments (runs until Ctrl-C).
 
     The same as `prefect worker start --pool uncool-local --type process`, with
-    a 1 s poll so that a triggered run starts within about a second, and
+    a 0.5 s poll so that a triggered run is picked up within half a second, and
     UNCOOL_HOME set to this project's state folder so that every flow run
     records into the same MLflow database and data cache.
     """
