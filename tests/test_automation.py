@@ -94,6 +94,14 @@ def test_deploy_names_an_unreachable_server(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_deploy_refuses_to_watch_a_missing_folder(tmp_path: Path) -> None:
+    project = Project(tmp_path, "missing-folder")
+    done = project.uncool("deploy", "--watch", str(tmp_path / "nope"))
+    assert done.returncode == 2
+    assert "no such folder" in done.stderr and "uncool sample-data" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_worker_without_a_project_home_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """The pull step refuses a relative UNCOOL_HOME: runs would record apart from the project."""
     from uncool_prefect.deploy import DeployError, pull_code

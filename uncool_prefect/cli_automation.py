@@ -43,9 +43,13 @@ def deploy(
     from . import deploy as deploying
     from . import runner
     from .cli import out
+    from .events import WatchError
     from .store import ObjectStore
 
     project = runner.find_project()
+    if watch and "://" not in watch and not Path(watch).is_dir():
+        raise WatchError(f"cannot watch {watch}: no such folder; create it, e.g. "
+                         f"`uncool sample-data {watch} --day 1`, or copy your data there")
     info = _server()
     out.print(f"Prefect server  {info}")
     out.print(f"work pool       {POOL} ({deploying.ensure_work_pool(POOL)})")
