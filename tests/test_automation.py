@@ -94,6 +94,17 @@ def test_deploy_names_an_unreachable_server(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_uncool_watch_once_announces_new_content_once(tmp_path: Path) -> None:
+    project = Project(tmp_path, "watch-once")
+    write_sample_day(project.data, 1, per_day=6)
+    first = project.uncool("watch", str(project.data), "--once", "--name", "once")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "announced" in first.stdout and "6 files" in first.stdout
+    again = project.uncool("watch", str(project.data), "--once", "--name", "once")
+    assert again.returncode == 0 and "unchanged since the last announcement" in again.stdout
+    assert _events_about("uncool.dataset.once") == 1
+
+
 def test_deploy_refuses_to_watch_a_missing_folder(tmp_path: Path) -> None:
     project = Project(tmp_path, "missing-folder")
     done = project.uncool("deploy", "--watch", str(tmp_path / "nope"))
@@ -109,6 +120,23 @@ def test_a_worker_without_a_project_home_is_refused(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("UNCOOL_HOME", ".uncool")
     with pytest.raises(DeployError, match="uncool worker"):
         pull_code()
+
+
+def _events_about(resource_id: str) -> int:
+    """How many uncool.dataset.updated events the server received about ``resource_id``."""
+    from prefect import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    def count() -> int | None:
+        with get_client(sync_client=True) as client:
+            page = client.request("POST", "/events/filter", json={"filter": EventFilter(
+                event=EventNameFilter(name=["uncool.dataset.updated"]),
+                resource=EventResourceFilter(id=[resource_id]),
+            ).model_dump(mode="json")}).json()
+        return len(page["events"]) or None
+
+    # NOTE: the server stores events in batches (its event persister flushes every few seconds).
+    return wait_for(count, 30, f"an event about {resource_id} on the server", interval=0.5)
 
 
 def _logs(flow_run_id: object) -> str:
