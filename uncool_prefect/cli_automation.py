@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, cast
 
@@ -52,24 +53,25 @@ def deploy(
                          f"`uncool sample-data {watch} --day 1`, or copy your data there")
     info = _server()
     out.print(f"Prefect server  {info}")
-    out.print(f"work pool       {POOL} ({deploying.ensure_work_pool(POOL)})")
-    store_url = deploying.register_blocks()
-    out.print(f"store block     content-addressed-storage/{_block()} -> {store_url}")
-    code = deploying.publish_code(ObjectStore(store_url), project)
-    out.print(f"code            {code.name} ({code.nfiles} files of flows/, refs/{deploying.CODE_REF})")
-    deploying.apply_deployments(project, info)
-    table = Table(title="deployments", show_header=True)
-    for column in ("deployment", "work pool", "schedule", "triggered by"):
-        table.add_column(column)
-    for deployment in deploying.read_deployments():
-        table.add_row(deployment.name, deployment.work_pool or "-",
-                      ", ".join(deployment.schedules) or "-", ", ".join(deployment.triggers) or "-")
-    out.print(table)
-    if watch:
-        url = watch if "://" in watch else str(Path(watch).absolute())
-        run_id, created = deploying.start_watcher(url, name)
-        out.print(f"watcher         {'started' if created else 'already running'} on {url}: "
-                  f"flow run {run_id}")
+    with _prefect_at(info):
+        out.print(f"work pool       {POOL} ({deploying.ensure_work_pool(POOL)})")
+        store_url = deploying.register_blocks()
+        out.print(f"store block     content-addressed-storage/{_block()} -> {store_url}")
+        code = deploying.publish_code(ObjectStore(store_url), project)
+        out.print(f"code            {code.name} ({code.nfiles} files of flows/, refs/{deploying.CODE_REF})")
+        deploying.apply_deployments(project, info)
+        table = Table(title="deployments", show_header=True)
+        for column in ("deployment", "work pool", "schedule", "triggered by"):
+            table.add_column(column)
+        for deployment in deploying.read_deployments():
+            table.add_row(deployment.name, deployment.work_pool or "-",
+                          ", ".join(deployment.schedules) or "-", ", ".join(deployment.triggers) or "-")
+        out.print(table)
+        if watch:
+            url = watch if "://" in watch else str(Path(watch).absolute())
+            run_id, created = deploying.start_watcher(url, name)
+            out.print(f"watcher         {'started' if created else 'already running'} on {url}: "
+                      f"flow run {run_id}")
     out.print("next            uncool worker   (runs them; leave it running)")
     return 0
 
@@ -128,23 +130,23 @@ def watch(
     from .events import DatasetWatcher
     from .runner import ensure_block
 
-    _server()
-    ensure_block(_block())
-    store = cast(ContentAddressedStorage, ContentAddressedStorage.load(_block())).store
-    where = url if "://" in url else str(Path(url).absolute())
-    watcher = DatasetWatcher(where, name, store, debounce=debounce, poll_interval=poll_interval)
+    with _prefect_at(_server()):
+        ensure_block(_block())
+        store = cast(ContentAddressedStorage, ContentAddressedStorage.load(_block())).store
+        where = url if "://" in url else str(Path(url).absolute())
+        watcher = DatasetWatcher(where, name, store, debounce=debounce, poll_interval=poll_interval)
 
-    def report(result: object) -> None:
-        out.print(getattr(result, "reason", result))
+        def report(result: object) -> None:
+            out.print(getattr(result, "reason", result))
 
-    if once:
-        report(watcher.check())
-        return 0
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    err.print(f"watching {where} as uncool.dataset.{name} (debounce {debounce:g} s); Ctrl-C stops")
-    watcher.run(stop, on_result=report)
+        if once:
+            report(watcher.check())
+            return 0
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        err.print(f"watching {where} as uncool.dataset.{name} (debounce {debounce:g} s); Ctrl-C stops")
+        watcher.run(stop, on_result=report)
     return 0
 
 
@@ -160,6 +162,18 @@ def _server() -> str:
                 "(prefect server start), or unset PREFECT_API_URL to use the project's own")
         return configured
     return runner.connect().api_url
+
+
+def _prefect_at(api_url: str) -> AbstractContextManager[object]:
+    """Prefect calls in this process go to ``api_url``.
+
+    NOTE: Prefect reads its settings when first imported (finding the server
+    may have imported it already); the environment alone could leave this
+    process on a temporary server of its own.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: api_url})
 
 
 def _block() -> str:
