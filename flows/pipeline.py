@@ -313,6 +313,22 @@ def _flat(params: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return list(flatten(params, prefix))
 
 
+def resolve_dataset(dataset: str) -> str | None:
+    """An object id as it is; ``watch:<name>``: the snapshot the watcher of <name> announced last.
+
+    None when that watcher has announced nothing yet.
+    """
+    from uncool_prefect.events import STATE_PREFIX
+    from uncool_prefect.store import ObjectNotFoundError
+
+    if not dataset.startswith("watch:"):
+        return dataset
+    try:
+        return str(_store().get_ref(f"{STATE_PREFIX}/{dataset.removeprefix('watch:')}")["oid"])
+    except ObjectNotFoundError:
+        return None
+
+
 def dataset_folder(dataset: str) -> Path:
     """A local copy of a dataset already in the store (as the watcher announced it)."""
     dest = get_settings().home.absolute() / "data" / "datasets" / dataset
@@ -331,7 +347,8 @@ def train_evaluate_deploy(params: dict[str, Any] | None = None, source: str | No
             params.yaml beside this file, as versioned with the code.
         source: A local data folder; by default the one ``params["data"]`` names.
         dataset: The object id of a dataset in the store, e.g. from an
-            ``uncool.dataset.updated`` event; wins over ``source``.
+            ``uncool.dataset.updated`` event, or ``watch:<name>`` for the
+            snapshot the watcher of <name> announced last; wins over ``source``.
     """
     from uncool_prefect.params import load_params, params_hash
 
@@ -339,9 +356,13 @@ def train_evaluate_deploy(params: dict[str, Any] | None = None, source: str | No
     if not params:
         params = load_params(FLOWS_DIR / "params.yaml")
     # NOTE: deployment triggers pass "" for a payload field that is missing.
-    if dataset:
-        source = str(dataset_folder(dataset))
-    elif not source:
+    snapshot = resolve_dataset(dataset) if dataset else None
+    if snapshot:
+        source = str(dataset_folder(snapshot))
+    elif dataset:
+        get_run_logger().warning("no dataset announced yet for %s: using the data params.yaml names",
+                                 dataset)
+    if not source:
         source = str(materialize_source(params["data"]))
     labels = list(params["data"]["labels"])
     states: dict[str, str] = {}

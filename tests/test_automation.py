@@ -83,6 +83,15 @@ def test_new_data_trains_evaluates_and_deploys_by_itself(stack: AutomationStack)
     assert [s.schedule.cron for s in daily.schedules] == ["0 6 * * *"]  # type: ignore[union-attr]
     assert daily.work_pool_name == "uncool-local"
     assert daily.pull_steps == [{"uncool_prefect.deploy.pull_code": {"ref": "deployments/code"}}]
+    # Run now, it retrains on the latest announced data: nothing changed, all Cached.
+    with get_client(sync_client=True) as client:
+        client.create_flow_run_from_deployment(daily.id)
+    daily_run = wait_for(lambda: [r for r in flow_runs(stack.DAILY) if r.state and r.state.is_final()],
+                         180, "the daily run to finish", interval=0.5)[0]
+    assert daily_run.state.is_completed(), stack.worker_log()[-4000:]
+    daily_record = _record(store, daily_run.id)
+    assert daily_record["inputs"]["data"] == new_dataset  # type: ignore[index]
+    assert {s["state"] for s in daily_record["stages"].values()} == {"Cached"}  # type: ignore[attr-defined]
 
 
 def test_deploy_names_an_unreachable_server(tmp_path: Path) -> None:
