@@ -105,6 +105,26 @@ def test_temporary_and_hidden_files_are_not_data(local: tuple[Path, ObjectStore,
     assert not is_dataset_file("plots/123.txt.part") and is_dataset_file("plots/123.txt")
 
 
+def test_a_file_written_while_the_folder_is_read_means_wait(
+        local: tuple[Path, ObjectStore, Recorder], monkeypatch: pytest.MonkeyPatch) -> None:
+    data, store, events = local
+    watcher = DatasetWatcher(str(data), "issues", store, emit=events)
+    real_put_dir = store.put_dir
+
+    def put_dir_while_a_writer_appends(*args: Any, **kwargs: Any) -> Any:
+        ref = real_put_dir(*args, **kwargs)
+        with open(data / "plots" / "late.txt", "a") as late:
+            late.write("a title still being written\n")
+        return ref
+
+    monkeypatch.setattr(store, "put_dir", put_dir_while_a_writer_appends)
+    result = watcher.check()
+    assert result.retry and not result.emitted and events.events == []
+    monkeypatch.setattr(store, "put_dir", real_put_dir)
+    settled = watcher.check()  # the next quiet window: the whole file is read
+    assert settled.emitted and "plots/late.txt" in events.events[0]["added"]
+
+
 def test_empty_folder_announces_nothing(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     events = Recorder()

@@ -80,6 +80,7 @@ class Announcement:
     emitted: bool
     reason: str
     payload: dict[str, Any] = field(default_factory=dict)
+    retry: bool = False  # the data changed while it was read: check again after a quiet window
 
 
 def _listing(root: Path) -> dict[str, tuple[int, int]]:
@@ -170,7 +171,7 @@ class DatasetWatcher:
             return Announcement(None, False, f"{self.url} holds no data files yet")
         ref = self.store.put_dir(self.root, include=is_dataset_file)
         if _listing(self.root) != before:
-            return Announcement(None, False, "files changed while they were read; waiting")
+            return Announcement(None, False, "files changed while they were read; waiting", retry=True)
         return self._announce(ref)
 
     def _check_remote(self) -> Announcement:
@@ -183,7 +184,8 @@ class DatasetWatcher:
         cache = Path(tempfile.gettempdir()) / "uncool-watch" / self.name
         folder = snapshot_folder(self.url, cache, storage_options=self.storage_options)
         if self.remote_fingerprint() != fingerprint:
-            return Announcement(None, False, "objects changed while they were read; waiting")
+            return Announcement(None, False, "objects changed while they were read; waiting",
+                                retry=True)
         if not any(True for _ in _listing(folder)):
             return Announcement(None, False, f"{self.url} holds no data files yet")
         return self._announce(self.store.put_dir(folder, include=is_dataset_file), fingerprint)
@@ -299,7 +301,7 @@ class DatasetWatcher:
             while pending and not stop.is_set():
                 result = self.check()
                 report(result)
-                pending = result.dataset is None and "waiting" in result.reason
+                pending = result.retry
                 if pending:
                     stop.wait(max(self.debounce, 0.2))
 
