@@ -95,8 +95,7 @@ def worker(
 
     project = runner.find_project()
     api_url = _server()
-    env = deploying.worker_environment(project, api_url)
-    env["PREFECT_WORKER_QUERY_SECONDS"] = str(query_seconds)
+    env = deploying.worker_environment(project, api_url, query_seconds)
     prefect = Path(sys.executable).with_name("prefect")
     command = [str(prefect) if prefect.exists() else "prefect", "worker", "start",
                "--pool", pool, "--type", "process"]

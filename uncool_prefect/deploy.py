@@ -26,6 +26,7 @@ from typing import Any, cast
 
 from .settings import get_settings
 from .store import ObjectRef, ObjectStore
+from .store.objects import cache_dir
 
 POOL = "uncool-local"
 PREFECT_FILE = Path("deployments") / "prefect.yaml"
@@ -72,8 +73,7 @@ def pull_code(ref: str = CODE_REF, block: str | None = None) -> dict[str, str]:
     name = block or get_settings().block
     store = cast(ContentAddressedStorage, ContentAddressedStorage.load(name)).store
     oid = store.get_ref(ref)["oid"]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    dest = cache / "uncool-prefect" / "code" / oid
+    dest = cache_dir() / "code" / oid
     if not dest.is_dir():  # get_dir builds aside and renames: a folder here is complete
         store.get_dir(oid, dest)
     return {"directory": str(dest), "code": oid}
@@ -193,11 +193,12 @@ def start_watcher(url: str, name: str, deployment: str = "uncool-watch/watch-iss
     return str(run.id), True
 
 
-def worker_environment(project: Path, api_url: str) -> dict[str, Any]:
+def worker_environment(project: Path, api_url: str,
+                       query_seconds: float = WORKER_QUERY_SECONDS) -> dict[str, Any]:
     """The environment `uncool worker` gives Prefect's process worker and its flow runs."""
     env = dict(os.environ)
     env["PREFECT_API_URL"] = api_url
-    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", str(WORKER_QUERY_SECONDS))
+    env["PREFECT_WORKER_QUERY_SECONDS"] = str(query_seconds)
     home = Path(env.get("UNCOOL_HOME") or get_settings().home)
     env["UNCOOL_HOME"] = str(home if home.is_absolute() else (project / home).absolute())
     return env

@@ -67,8 +67,16 @@ def content_key(store: ObjectStore, dataset: str) -> str:
     copying it under a new name in the same folder, keeps the key; moving a
     file to another label's folder, or new content, changes it.
     """
-    manifest = store.read_manifest(dataset)
-    pairs = sorted({(str(PurePosixPath(e.path).parent), e.oid) for e in manifest.entries})
+    return _content_key(_files(store, dataset))
+
+
+def _files(store: ObjectStore, dataset: str) -> dict[str, str]:
+    """path -> object id of every file of a stored folder."""
+    return {e.path: e.oid for e in store.read_manifest(dataset).entries}
+
+
+def _content_key(files: dict[str, str]) -> str:
+    pairs = sorted({(str(PurePosixPath(path).parent), oid) for path, oid in files.items()})
     return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
 
 
@@ -172,7 +180,7 @@ class DatasetWatcher:
         ref = self.store.put_dir(self.root, include=is_dataset_file)
         if _listing(self.root) != before:
             return Announcement(None, False, "files changed while they were read; waiting", retry=True)
-        return self._announce(ref)
+        return self._announce(ref, self.last_announced())
 
     def _check_remote(self) -> Announcement:
         from .sources import snapshot_folder
@@ -188,11 +196,12 @@ class DatasetWatcher:
                                 retry=True)
         if not any(True for _ in _listing(folder)):
             return Announcement(None, False, f"{self.url} holds no data files yet")
-        return self._announce(self.store.put_dir(folder, include=is_dataset_file), fingerprint)
+        return self._announce(self.store.put_dir(folder, include=is_dataset_file), state, fingerprint)
 
-    def _announce(self, ref: ObjectRef, fingerprint: str | None = None) -> Announcement:
-        key = content_key(self.store, ref.name)
-        state = self.last_announced()
+    def _announce(self, ref: ObjectRef, state: dict[str, Any] | None,
+                  fingerprint: str | None = None) -> Announcement:
+        files = _files(self.store, ref.name)
+        key = _content_key(files)
         if state and state.get("content") == key:
             reason = ("same content as the last announcement" if state["oid"] != ref.name
                       else "unchanged since the last announcement")
@@ -200,7 +209,7 @@ class DatasetWatcher:
             if fingerprint and state.get("fingerprint") != fingerprint:
                 self.store.set_ref(self.state_key, ref, **{**_extra(state), "fingerprint": fingerprint})
             return Announcement(ref.name, False, reason)
-        added, removed = self._changes(state, ref.name)
+        added, removed = self._changes(state, files)
         payload = {
             "dataset": ref.name, "name": self.name, "url": self.url,
             "files": ref.nfiles, "added_count": len(added), "removed_count": len(removed),
@@ -216,12 +225,11 @@ class DatasetWatcher:
         return Announcement(ref.name, True, f"announced {ref.name} ({ref.nfiles} files, "
                             f"{len(added)} added, {len(removed)} removed)", payload)
 
-    def _changes(self, state: dict[str, Any] | None, dataset: str) -> tuple[list[str], list[str]]:
-        now = {e.path: e.oid for e in self.store.read_manifest(dataset).entries}
+    def _changes(self, state: dict[str, Any] | None, now: dict[str, str]) -> tuple[list[str], list[str]]:
         old: dict[str, str] = {}
         if state:
             try:
-                old = {e.path: e.oid for e in self.store.read_manifest(state["oid"]).entries}
+                old = _files(self.store, state["oid"])
             except (StoreError, FileNotFoundError):
                 old = {}
         added = sorted(p for p, oid in now.items() if old.get(p) != oid)

@@ -123,15 +123,19 @@ class _DirPlan:
     new_objects: int = 0
 
 
+def cache_dir() -> Path:
+    """This machine's cache folder for uncool-prefect (``$XDG_CACHE_HOME``, else ``~/.cache``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uncool-prefect"
+
+
 def default_state_dir(url: str) -> Path:
     """Where machine-local state (the stat cache) lives for a store URL."""
     backend_local = "://" not in url or url.startswith("file://")
     if backend_local:
         root = url[len("file://"):] if url.startswith("file://") else url
         return Path(root).expanduser().absolute() / "state"
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
-    return cache_home / "uncool-prefect" / "stores" / digest
+    return cache_dir() / "stores" / digest
 
 
 class _VerifyingReader(io.RawIOBase):
