@@ -34,10 +34,6 @@ def stack(tmp_path: Path) -> Iterator[AutomationStack]:
         running.stop()
 
 
-def _record(store: ObjectStore, flow_run_id: object) -> dict[str, object]:
-    return store.get_run_record(str(flow_run_id))
-
-
 def test_new_data_trains_evaluates_and_deploys_by_itself(stack: AutomationStack) -> None:
     project = stack.project
     store = ObjectStore(project.home / "store")
@@ -56,15 +52,15 @@ def test_new_data_trains_evaluates_and_deploys_by_itself(stack: AutomationStack)
     assert second.state.is_completed(), stack.worker_log()[-4000:]
     new_dataset = store.hash_path(project.data)
     assert second.parameters["dataset"] == new_dataset != first.parameters["dataset"]
-    record = _record(store, second.id)
-    assert record["inputs"]["data"] == new_dataset  # type: ignore[index]
-    assert record["trigger"]["kind"] == "event"  # type: ignore[index]
-    assert record["stages"]["get-data"]["state"] == "Completed"  # type: ignore[index]
+    record = store.get_run_record(str(second.id))
+    assert record["inputs"]["data"] == new_dataset
+    assert record["trigger"]["kind"] == "event"
+    assert record["stages"]["get-data"]["state"] == "Completed"
     # Promoted or not, the report says which and why.
     report = str(latest_artifact("issue-labeler-report").data)
-    version = record["mlflow"]["model_version"]  # type: ignore[index]
+    version = record["mlflow"]["model_version"]
     assert f"v{version}: " in report and "**Why:**" in report
-    assert ("promoted to **champion**" in report) == record["stages"]["deploy"]["outputs"]["promoted"]  # type: ignore[index]
+    assert ("promoted to **champion**" in report) == record["stages"]["deploy"]["outputs"]["promoted"]
     assert new_dataset in report
 
     # The same content again, under new names: announced never, run never.
@@ -89,9 +85,9 @@ def test_new_data_trains_evaluates_and_deploys_by_itself(stack: AutomationStack)
     daily_run = wait_for(lambda: [r for r in flow_runs(stack.DAILY) if r.state and r.state.is_final()],
                          180, "the daily run to finish", interval=0.5)[0]
     assert daily_run.state.is_completed(), stack.worker_log()[-4000:]
-    daily_record = _record(store, daily_run.id)
-    assert daily_record["inputs"]["data"] == new_dataset  # type: ignore[index]
-    assert {s["state"] for s in daily_record["stages"].values()} == {"Cached"}  # type: ignore[attr-defined]
+    daily_record = store.get_run_record(str(daily_run.id))
+    assert daily_record["inputs"]["data"] == new_dataset
+    assert {s["state"] for s in daily_record["stages"].values()} == {"Cached"}
 
 
 def test_deploy_names_an_unreachable_server(tmp_path: Path) -> None:

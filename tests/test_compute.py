@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import _free_port
 from project import Project
 
 from uncool_prefect import compute
@@ -69,12 +69,6 @@ def test_the_runner_starts_nothing_until_a_flow_uses_it() -> None:
     assert isinstance(runner, DaskTaskRunner)
     assert runner._cluster is None and runner._client is None
     assert runner.cluster_kwargs["n_workers"] == 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_an_address_where_nothing_listens_is_one_clear_line() -> None:

@@ -317,11 +317,6 @@ def browser(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         chrome.close()
 
 
-@pytest.fixture
-def shots(tmp_path: Path) -> Path:
-    return tmp_path
-
-
 def _keep(screenshot: Path) -> None:
     """Copy a screenshot to UNCOOL_UI_SCREENSHOT_DIR when that is set (docs/ for the README)."""
     target = os.environ.get("UNCOOL_UI_SCREENSHOT_DIR")
@@ -354,54 +349,54 @@ def _flow_run_page(run: FinishedRun) -> str:
 
 
 def test_flow_run_page_shows_the_run_its_state_and_its_logs(
-    browser: Browser, finished_run: FinishedRun, shots: Path
+    browser: Browser, finished_run: FinishedRun, tmp_path: Path
 ) -> None:
     run = finished_run
     assert run.state == "Completed"
     # The header (run name, state, flow) and the Logs tab, the page's default.
     expected = [f"Runs\n{run.flow_run_name}\nCompleted", f"Flow\n{FLOW}", f"{len(run.task_runs)} Task runs",
                 f"Beginning flow run '{run.flow_run_name}' for flow '{FLOW}'", FINAL_LOG]
-    _check_page(browser, expected, shots / "ui-flow-run.png", url=_flow_run_page(run),
+    _check_page(browser, expected, tmp_path / "ui-flow-run.png", url=_flow_run_page(run),
                 # The run graph is a canvas: its data must be in before the screenshot settles.
                 ready=GRAPH_LOADED)
-    _keep(shots / "ui-flow-run.png")
+    _keep(tmp_path / "ui-flow-run.png")
 
 
 def test_task_runs_tab_lists_every_stage_completed(
-    browser: Browser, finished_run: FinishedRun, shots: Path
+    browser: Browser, finished_run: FinishedRun, tmp_path: Path
 ) -> None:
     run = finished_run
     browser.open(_flow_run_page(run))
     # NOTE: the tab is in the URL (?tab=Task+Runs) but the page resets it to
     # Logs while the run loads, so the tab is clicked, as a user does.
     expected = [f"{len(run.task_runs)} Task runs", *(f"{name}\nCompleted" for name in run.stage_runs)]
-    text = _check_page(browser, expected, shots / "ui-task-runs.png", click=("li.p-tab", "Task Runs"))
+    text = _check_page(browser, expected, tmp_path / "ui-task-runs.png", click=("li.p-tab", "Task Runs"))
     assert browser.evaluate("location.search") == "?tab=Task+Runs"
     assert FINAL_LOG not in text  # the names come from the task run list, not from the logs
 
 
 def test_artifacts_tab_shows_the_report_artifacts(
-    browser: Browser, finished_run: FinishedRun, shots: Path
+    browser: Browser, finished_run: FinishedRun, tmp_path: Path
 ) -> None:
     run = finished_run
     browser.open(_flow_run_page(run))
     expected = [f"MARKDOWN\n{REPORT_KEY}", f"TABLE\n{METRICS_KEY}", f"TABLE\n{CONFUSION_KEY}"]
-    text = _check_page(browser, expected, shots / "ui-artifacts.png", click=("li.p-tab", "Artifacts"))
+    text = _check_page(browser, expected, tmp_path / "ui-artifacts.png", click=("li.p-tab", "Artifacts"))
     assert browser.evaluate("location.search") == "?tab=Artifacts"
     assert FINAL_LOG not in text
 
     # The report card opens this run's report, rendered, with the run and task that made it.
     expected = [REPORT_KEY, run.report_title, "Why:", run.flow_run_name, run.stage_runs[-1]]
-    text = _check_page(browser, expected, shots / "ui-report.png", click=("*", REPORT_KEY))
+    text = _check_page(browser, expected, tmp_path / "ui-report.png", click=("*", REPORT_KEY))
     assert browser.evaluate("location.pathname") == f"/artifacts/artifact/{run.report_id}", text[:3000]
-    _keep(shots / "ui-report.png")
+    _keep(tmp_path / "ui-report.png")
 
 
 def test_the_page_of_another_flow_run_does_not_show_this_one(
-    browser: Browser, finished_run: FinishedRun, shots: Path
+    browser: Browser, finished_run: FinishedRun, tmp_path: Path
 ) -> None:
     # The negative control for the checks above: an unknown run id is not this run.
     page = f"{finished_run.ui}/runs/flow-run/{uuid.uuid4()}"
-    text = _check_page(browser, ["Page not found"], shots / "ui-unknown-run.png", url=page)
+    text = _check_page(browser, ["Page not found"], tmp_path / "ui-unknown-run.png", url=page)
     assert finished_run.flow_run_name not in text
     assert not any(name in text for name in finished_run.task_runs)
