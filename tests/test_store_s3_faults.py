@@ -102,6 +102,7 @@ class FaultProxy:
     upstream: str
     seen: list[Request] = field(default_factory=list, repr=False)
     faults: list[Fault] = field(default_factory=list, repr=False)
+    delays: list[tuple[Callable[[Request], bool], float]] = field(default_factory=list, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     url: str = ""
 
@@ -118,13 +119,20 @@ class FaultProxy:
         """Close the connection of matching requests without answering."""
         return self.fail(0, "dropped", when=when, times=times)
 
+    def slow(self, seconds: float, *, when: Callable[[Request], bool] = is_any) -> None:
+        """Hold matching requests this long before passing them on."""
+        with self.lock:
+            self.delays.append((when, seconds))
+
     def heal(self) -> None:
         with self.lock:
             self.faults.clear()
+            self.delays.clear()
 
     def reset(self) -> None:
         with self.lock:
             self.faults.clear()
+            self.delays.clear()
             self.seen.clear()
 
     def count(self, when: Callable[[Request], bool] = is_any) -> int:
@@ -140,6 +148,8 @@ class FaultProxy:
         probe = Request(method, split.path, parse_qs(split.query, keep_blank_values=True), 0)
         with self.lock:
             fault = next((f for f in self.faults if f.take(probe)), None)
+            delay = sum(seconds for when, seconds in self.delays if when(probe))
+        time.sleep(delay)
         return probe, fault
 
     def _record(self, request: Request, answer: int | str) -> None:
@@ -542,6 +552,8 @@ def test_multipart_failing_mid_way_is_aborted(
     payload = _write(source, 2 * S3_PART_SIZE + 4 * (1 << 20))  # 3 parts
     proxy.fail(403, "AccessDenied",
                when=lambda r: is_upload_part(r) and r.query["partNumber"] != ["1"])
+    # Part 1 is still on its way when part 2 is refused.
+    proxy.slow(1.0, when=lambda r: is_upload_part(r) and r.query["partNumber"] == ["1"])
     with pytest.raises(StoreError) as info:
         store.put_file(source)
     assert isinstance(info.value, StorePermissionError)
@@ -549,9 +561,13 @@ def test_multipart_failing_mid_way_is_aborted(
     # 403 is permanent: parts 2 and 3 were each tried once.
     failed = [r for r in proxy.requests() if is_upload_part(r) and r.answer == 403]
     assert sorted(r.query["partNumber"][0] for r in failed) == ["2", "3"]
-    assert proxy.count(lambda r: r.method == "DELETE" and "uploadId" in r.query) >= 1
+    # The abort comes once every part has its answer: none can land after it.
+    seen = proxy.requests()
+    aborts = [i for i, r in enumerate(seen) if r.method == "DELETE" and "uploadId" in r.query]
+    assert len(aborts) == 1
+    assert [r.query["partNumber"][0] for r in seen[aborts[0]:] if is_upload_part(r)] == []
+    assert sorted(r.query["partNumber"][0] for r in seen if is_upload_part(r)) == ["1", "2", "3"]
 
-    time.sleep(0.5)  # a part still in flight when the abort was sent
     key = _key_of(store, _oid(payload))
     assert not _exists(proxy.upstream, s3_bucket, key)
     pending = _moto(proxy.upstream).list_multipart_uploads(Bucket=s3_bucket)

@@ -11,6 +11,7 @@ permission errors are permanent: one attempt, temp removed, clear error.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import fsspec
+import fsspec.asyn
 from fsspec.callbacks import Callback, NoOpCallback
 
 from .errors import (
@@ -43,6 +45,7 @@ TMP_DIR = "tmp"
 ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}
 S3_PART_SIZE = 8 << 20
 S3_PARTS_IN_FLIGHT = 4  # 32 MiB of parts in memory at most
+S3_MAX_PARTS = 10_000  # S3's limit; bigger files get bigger parts
 
 # Local ingest of big files: read, write and hash overlap in three threads
 # over a few 1 MiB buffers (8 MiB in memory at most, whatever the file size).
@@ -618,12 +621,8 @@ class FsspecBackend:
         callback = callback or NoOpCallback()
         target = self._path(rel)
         with self._errors(rel):
-            if self.protocol in ("s3", "s3a"):
-                # s3fs aborts the multipart upload if any part fails.
-                self.fs.put_file(
-                    str(local), target, callback=callback,
-                    chunksize=S3_PART_SIZE, max_concurrency=S3_PARTS_IN_FLIGHT,
-                )
+            if self.protocol in ("s3", "s3a") and local.stat().st_size >= 2 * S3_PART_SIZE:
+                fsspec.asyn.sync(self.fs.loop, _s3_multipart_put, self.fs, local, target, callback)
             elif self._atomic_put:
                 self.fs.put_file(str(local), target, callback=callback)
             else:
@@ -694,6 +693,58 @@ class _TranslatingReader(io.RawIOBase):
         with contextlib.suppress(Exception):
             self._raw.close()
         super().close()
+
+
+async def _s3_multipart_put(fs: Any, local: Path, target: str, callback: Callback) -> None:
+    """Upload ``local`` in parts; on any failure abort once nothing is in flight.
+
+    NOTE: s3fs's own multipart put gathers a batch of parts and aborts as soon as
+    the first one fails, while its siblings are still being sent; S3 may then
+    keep a part that lands after the abort ("abort may need repeating", AWS
+    docs). Here every part of a batch settles before the abort is sent.
+    """
+    bucket, key, _ = fs.split_path(target)
+    size = local.stat().st_size
+    callback.set_size(size)
+    part_size = max(S3_PART_SIZE, -(-size // S3_MAX_PARTS))
+    upload = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+    upload_id = upload["UploadId"]
+
+    async def send(number: int, body: bytes) -> dict[str, Any]:
+        answer = await fs._call_s3(
+            "upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
+            PartNumber=number, Body=body,
+        )
+        callback.relative_update(len(body))
+        return {"PartNumber": number, "ETag": answer["ETag"]}
+
+    parts: list[dict[str, Any]] = []
+    try:
+        with open(local, "rb") as source:
+            while batch := [chunk for chunk in (source.read(part_size)
+                                                for _ in range(S3_PARTS_IN_FLIGHT)) if chunk]:
+                first = len(parts) + 1
+                settled = await asyncio.gather(
+                    *(send(first + i, body) for i, body in enumerate(batch)),
+                    return_exceptions=True,
+                )
+                for outcome in settled:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    parts.append(outcome)
+        await fs._call_s3(
+            "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+    except BaseException:
+        # The original failure is what the user needs; a failed abort leaves an
+        # upload that a bucket lifecycle rule (AbortIncompleteMultipartUpload) ends.
+        with contextlib.suppress(Exception):
+            await fs._call_s3(
+                "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
+            )
+        raise
+    fs.invalidate_cache(target)
 
 
 def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
