@@ -260,7 +260,43 @@ def test_snapshot_from_s3_copies_then_mirrors(tmp_path: Path, s3_endpoint: str, 
     snapshot_folder(url, dest, storage_options=s3_options(s3_endpoint))
     assert "plots/d003-0001.txt" in tree(dest)
     assert gone.split("/issues/")[1] not in tree(dest)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "snap"]
+    # No temp folder is left behind; the listing beside the copy is kept.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".snap.listing.json", "local", "snap"]
+
+
+def test_snapshot_from_s3_fetches_only_what_changed(
+    tmp_path: Path, s3_endpoint: str, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options(s3_endpoint))
+    write_sample(tmp_path / "local", days=1, per_day=10)
+    upload(tmp_path / "local", fs, f"{s3_bucket}/issues")
+    url, dest, options = f"s3://{s3_bucket}/issues", tmp_path / "snap", s3_options(s3_endpoint)
+
+    def snapshot() -> str:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="uncool_prefect.sources.folder"):
+            snapshot_folder(url, dest, storage_options=options)
+        return next(r.getMessage() for r in caplog.records if "snapshot of" in r.getMessage())
+
+    assert "10 file(s) copied, 0 unchanged kept" in snapshot()
+    first = sorted(fs.find(f"{s3_bucket}/issues"))[0]
+    rel = first.split("/issues/")[1]
+    fs.pipe(f"{s3_bucket}/issues/plots/d002-0001.txt", b"a new plot issue\n")
+    assert "1 file(s) copied, 10 unchanged kept" in snapshot()
+
+    # Same size, other bytes: the ETag says so, and the new bytes are fetched.
+    same_size = bytes(reversed(fs.cat(first)))
+    fs.pipe(first, same_size)
+    assert "1 file(s) copied, 10 unchanged kept" in snapshot()
+    assert (dest / rel).read_bytes() == same_size
+
+    # A local copy edited by hand is not trusted: fetched again.
+    (dest / rel).write_bytes(b"edited\n")
+    assert "1 file(s) copied, 10 unchanged kept" in snapshot()
+    assert (dest / rel).read_bytes() == same_size
+    assert tree(dest) == {p.split("/issues/")[1]: fs.cat(p) for p in fs.find(f"{s3_bucket}/issues")}
 
 
 def test_snapshot_from_s3_errors_name_the_url(tmp_path: Path, s3_endpoint: str, s3_bucket: str) -> None:

@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -300,10 +301,14 @@ def snapshot_folder(url: str, dest: Path, storage_options: dict[str, Any] | None
             "(and install the fsspec package for its protocol)"
         ) from exc
     root = root.rstrip("/")
-    copied = 0
+    dest = Path(dest)
+    listing_file = dest.parent / f".{dest.name}.listing.json"
+    previous = _read_listing(listing_file)
+    listing: dict[str, dict[str, Any]] = {}
+    copied = reused = 0
 
     def build(tmp: Path) -> None:
-        nonlocal copied
+        nonlocal copied, reused
         with _remote_errors(url, endpoint):
             if not fs.isdir(root):
                 if fs.isfile(root):
@@ -312,21 +317,84 @@ def snapshot_folder(url: str, dest: Path, storage_options: dict[str, Any] | None
                     f"no folder at {url}: the bucket or prefix does not exist or is empty; "
                     "check the URL, or upload the data there first"
                 )
-            for remote in sorted(fs.find(root, detail=False)):
+            remotes: list[str] = []
+            locals_: list[str] = []
+            for remote, info in sorted(fs.find(root, detail=True).items()):
                 rel = remote[len(root):].strip("/")
-                if not rel or remote.endswith("/"):
+                if not rel or remote.endswith("/") or info.get("type") == "directory":
                     continue  # a "folder marker" object, not data
                 parts = rel.split("/")
                 if any(part in ("", ".", "..") for part in parts):
                     raise DataError(f"{url} holds an object with an unsafe name {rel!r}; rename it")
                 target = tmp.joinpath(*parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(remote, str(target))
-                copied += 1
+                version = _version_of(info)
+                if version and _reuse(previous.get(rel), version, dest.joinpath(*parts), target):
+                    reused += 1
+                else:
+                    remotes.append(remote)
+                    locals_.append(str(target))
+                listing[rel] = {"version": version}
+            if remotes:
+                # One call for the batch: async filesystems (s3fs) fetch concurrently.
+                fs.get(remotes, locals_)
+                copied = len(remotes)
+            for rel, entry in listing.items():
+                stat = tmp.joinpath(*rel.split("/")).stat()
+                entry.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
 
-    replace_dir(Path(dest), build)
-    logger.info("snapshot of %s: %d file(s) copied to %s", url, copied, dest)
-    return Path(dest)
+    # The old listing goes first: a crash between the swap and the new listing
+    # must not leave one that vouches for files it never saw.
+    listing_file.unlink(missing_ok=True)
+    replace_dir(dest, build)
+    _write_listing(listing_file, listing)
+    logger.info("snapshot of %s: %d file(s) copied, %d unchanged kept, in %s",
+                url, copied, reused, dest)
+    return dest
+
+
+def _version_of(info: dict[str, Any]) -> str:
+    """What changes whenever an object's bytes do: its ETag (S3, GCS) or checksum; else ''."""
+    for key in ("ETag", "etag", "md5Hash", "crc32c", "content_md5"):
+        if info.get(key):
+            return f"{key}:{info[key]}:{info.get('size')}"
+    return ""
+
+
+def _reuse(previous: dict[str, Any] | None, version: str, old: Path, target: Path) -> bool:
+    """Link the last snapshot's copy of an unchanged object into the new one.
+
+    Only when the remote version matches and the local copy is still the file
+    that was downloaded (size and mtime as recorded): an edited copy is fetched
+    again rather than trusted.
+    """
+    if not previous or previous.get("version") != version:
+        return False
+    try:
+        stat = old.stat()
+        if (stat.st_size, stat.st_mtime_ns) != (previous.get("size"), previous.get("mtime_ns")):
+            return False
+        try:
+            os.link(old, target)
+        except OSError:
+            shutil.copy2(old, target)
+    except OSError:
+        return False
+    return True
+
+
+def _read_listing(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_listing(path: Path, listing: dict[str, dict[str, Any]]) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(listing, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_examples(examples: Sequence[Example], dest: str | Path) -> None:
