@@ -12,6 +12,7 @@ Prefect decides here with the ContentAware cache policy.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import tempfile
@@ -22,6 +23,7 @@ from typing import Any
 
 import labeler
 from prefect import flow, get_run_logger, task
+from prefect.context import SettingsContext
 from prefect.runtime import flow_run
 
 from uncool_prefect import compute, reports, tracking
@@ -179,12 +181,19 @@ def train(train_split: str, params: dict[str, Any], lineage: dict[str, str],
     # NOTE: run in an empty context, so not as a subflow: a subflow adds a
     # task run to the pipeline's flow run, whose task runs are its five stages
     # (what `uncool run` reports and the run record keeps). The MLflow run and
-    # the log name the sweep's flow run instead.
-    swept = contextvars.Context().run(
-        sweep.with_options(task_runner=runner, flow_run_name=f"sweep-for-{flow_run.name}"),
-        train_split, points, selection, device, choice.gpu and device == "gpu",
-        refresh=bool(PREFECT_TASKS_REFRESH_CACHE.value()), return_state=True,
-    )
+    # the log name the sweep's flow run instead. The settings in force (the
+    # server `uncool run` found) go along: without them the sweep would fall
+    # back to the settings read at import and start an ephemeral server.
+    settings = SettingsContext.get()
+
+    def run_sweep() -> Any:
+        with settings.model_copy() if settings else contextlib.nullcontext():
+            return sweep.with_options(task_runner=runner, flow_run_name=f"sweep-for-{flow_run.name}")(
+                train_split, points, selection, device, choice.gpu and device == "gpu",
+                refresh=bool(PREFECT_TASKS_REFRESH_CACHE.value()), return_state=True,
+            )
+
+    swept = contextvars.Context().run(run_sweep)
     sweep_run_id = str(swept.state_details.flow_run_id)
     trials = swept.result()
     # The first of equals wins: the grid's order is stable.

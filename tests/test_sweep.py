@@ -72,6 +72,33 @@ def test_a_sweep_trains_only_new_points_and_keeps_the_best(tmp_path: Path) -> No
     assert "Dask task runner" not in done.stderr and "LocalCluster" not in done.stderr
 
 
+@pytest.mark.slow
+def test_the_sweep_goes_to_the_server_uncool_found(prefect_server: str, tmp_path: Path) -> None:
+    """`uncool run` with no PREFECT_API_URL: the server is found after Prefect was imported.
+
+    The sweep flow run (and its trials, on the Dask workers) must be recorded on
+    that server, not on an ephemeral one started for the sweep.
+    """
+    project = Project(tmp_path, "sweep-found")
+    write_sample(project.data, days=2, seed=3)
+    script = """
+import sys
+from pathlib import Path
+import prefect  # settings read now, with no API URL
+from uncool_prefect import runner
+params = runner.resolve_params(Path.cwd(), None, ["data.source=folder", f"data.folder.url={sys.argv[2]}",
+                                                 "train.sweep.grid.classifier=[logistic_regression]"])
+print(runner.run_pipeline(Path.cwd(), params, sys.argv[1]).flow_run_id)
+"""
+    env = {k: v for k, v in project.env.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-c", script, prefect_server, str(project.data)],
+                          cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "temporary server" not in done.stderr
+    assert task_states(done.stdout.split()[-1])["train"] == "Completed"
+    assert sweep_trial_states(project, "1") == {"trial[classifier=logistic_regression]": "Completed"}
+
+
 def test_the_gpu_path_fits_through_array_api_and_stores_cpu_arrays(tmp_path: Path) -> None:
     """fit_on_device with NumPy standing in for CuPy: the code path the GPU runs, on a CPU.
 
