@@ -17,7 +17,7 @@ import pytest
 from project import Project
 
 from uncool_prefect import experiments
-from uncool_prefect.lineage import TargetError
+from uncool_prefect.lineage import TargetError, resolve_target
 from uncool_prefect.sources import write_sample, write_sample_day
 from uncool_prefect.store import ObjectStore
 
@@ -72,7 +72,7 @@ def test_exp_show_lists_each_run_with_what_differs_from_the_first(runs: Runs) ->
         assert row.flow == "train-evaluate-deploy" and row.trigger == "user"
         assert row.model_version is not None
     assert sum(row.champion for row in table.rows) == 1
-    champion = experiments.resolve(runs.store, "champion", runs.home)
+    champion = resolve_target(runs.store, "champion", runs.home)
     assert rows[champion["flow_run_id"]].champion
     assert first.model_version == "1"
 

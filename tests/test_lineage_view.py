@@ -99,6 +99,9 @@ def test_lineage_of_a_run_and_of_the_champion(runs: TwoRuns) -> None:
     assert [(r["flow_run_id"], r["stages"]) for r in reused] == [
         (runs.second["flow_run_id"], ["get-data", "split"])]
     assert tree["upstream"]["run"]["trigger"]["kind"] == "user"
+    # The short ids `uncool exp show` prints work as well.
+    short = lineage_tree(runs.store, runs.first["flow_run_id"][:8], runs.project.home)
+    assert {**short, "target": tree["target"]} == tree
 
     champion = lineage_tree(runs.store, "champion", runs.project.home)
     assert champion["kind"] == "model-version" and champion["slot"] == "train.model"
@@ -112,6 +115,8 @@ def test_lineage_of_a_run_and_of_the_champion(runs: TwoRuns) -> None:
 def test_unknown_targets_are_refused(runs: TwoRuns) -> None:
     with pytest.raises(TargetError, match="neither a run"):
         lineage_tree(runs.store, "no-such-run", runs.project.home)
+    with pytest.raises(TargetError, match="neither a run"):  # too short to mean one run
+        lineage_tree(runs.store, runs.first["flow_run_id"][:3], runs.project.home)
     with pytest.raises(TargetError, match="produced object"):
         lineage_tree(runs.store, "0" * 64, runs.project.home)
     with pytest.raises(TargetError):

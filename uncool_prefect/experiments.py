@@ -155,24 +155,6 @@ def champion_run_ids(records: list[dict[str, Any]], home: Path) -> set[str]:
     return found
 
 
-def resolve(store: ObjectStore, target: str, home: Path) -> dict[str, Any]:
-    """:func:`lineage.resolve_target`, plus a unique prefix of a flow run id (as shown)."""
-    try:
-        return lineage.resolve_target(store, target, home)
-    except lineage.TargetError:
-        if len(target) < 4 or target.startswith("models:/"):
-            raise
-        matches = [r for r in lineage.iter_records(store)
-                   if str(r.get("flow_run_id", "")).startswith(target)]
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise lineage.TargetError(
-                f"{target!r} is the start of {len(matches)} run ids in {store.url}: "
-                "give more of it") from None
-        raise
-
-
 def _version_key(version: str | None) -> Any:
     return int(version) if version and version.isdigit() else version
 
@@ -193,7 +175,7 @@ def exp_rows(store: ObjectStore, home: Path, baseline: str | None = None,
     Args:
         store: Where the run records are.
         home: UNCOOL_HOME, for the MLflow registry (champion marker, model targets).
-        baseline: A target (see :func:`resolve`); default the oldest run shown.
+        baseline: A target (see :func:`lineage.resolve_target`); default the oldest run shown.
         flow: Only runs of this flow name.
         since: Only runs started at or after this Unix time (see :func:`parse_since`).
         sort: A column name; metrics sort best (highest) first, the rest ascending.
@@ -203,7 +185,7 @@ def exp_rows(store: ObjectStore, home: Path, baseline: str | None = None,
              if (flow is None or r.get("flow_name") == flow)
              and (since is None or float(r.get("started", 0)) >= since)]
     if baseline is not None:
-        base: dict[str, Any] | None = resolve(store, baseline, home)
+        base: dict[str, Any] | None = lineage.resolve_target(store, baseline, home)
     else:
         base = shown[0] if shown else None
     base_params = base.get("params", {}) if base else {}
@@ -295,7 +277,7 @@ def to_json(table: ExpTable) -> str:
 
 def diff_runs(store: ObjectStore, home: Path, a: str, b: str) -> RunDiff:
     """What changed from target ``a`` to target ``b`` (see :func:`resolve`)."""
-    old, new = resolve(store, a, home), resolve(store, b, home)
+    old, new = lineage.resolve_target(store, a, home), lineage.resolve_target(store, b, home)
     old_metrics, new_metrics = read_metrics(store, old), read_metrics(store, new)
     metrics: dict[str, tuple[float | None, float | None, float | None]] = {}
     for name in sorted(set(old_metrics) | set(new_metrics)):

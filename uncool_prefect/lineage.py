@@ -127,6 +127,10 @@ class TargetError(LookupError):
     """A lineage target that names nothing known; the message says what is accepted."""
 
 
+# Shorter starts of a run id would match too often to mean one run.
+MIN_RUN_PREFIX = 4
+
+
 def iter_records(store: ObjectStore) -> list[dict[str, Any]]:
     """Every run record in the store, oldest first."""
     records = []
@@ -179,8 +183,9 @@ def _named_objects(record: dict[str, Any]) -> set[str]:
 def resolve_target(store: ObjectStore, target: str, home: Path) -> dict[str, Any]:
     """The run record a target points at.
 
-    A target is a flow run id, ``champion``, ``models:/NAME/N``, ``models:/NAME@alias``,
-    or an object id (the run that produced it, the earliest if several did).
+    A target is a flow run id or a unique start of one (as `uncool exp show`
+    prints them), ``champion``, ``models:/NAME/N``, ``models:/NAME@alias``, or
+    an object id (the run that produced it, the earliest if several did).
     """
     from .store import InvalidKeyError, parse_oid
 
@@ -192,9 +197,17 @@ def resolve_target(store: ObjectStore, target: str, home: Path) -> dict[str, Any
         try:
             return store.get_run_record(target)
         except (FileNotFoundError, InvalidKeyError) as exc:
+            matches = [r for r in iter_records(store)
+                       if len(target) >= MIN_RUN_PREFIX
+                       and str(r.get("flow_run_id", "")).startswith(target)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise TargetError(f"{target!r} is the start of {len(matches)} run ids in "
+                                  f"{store.url}: give more of it") from None
             raise TargetError(
                 f"{target!r} is neither a run in {store.url} nor an object id, "
-                "'champion' or models:/NAME/VERSION"
+                "'champion' or models:/NAME/VERSION; `uncool exp show` lists the runs"
             ) from exc
     for record in iter_records(store):
         if digest in _named_objects(record):
