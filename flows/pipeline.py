@@ -185,10 +185,11 @@ def train(train_split: str, params: dict[str, Any], lineage: dict[str, str],
     # server `uncool run` found) go along: without them the sweep would fall
     # back to the settings read at import and start an ephemeral server.
     settings = SettingsContext.get()
+    name = f"sweep-for-{flow_run.name}"  # read here: the empty context has no flow run
 
     def run_sweep() -> Any:
         with settings.model_copy() if settings else contextlib.nullcontext():
-            return sweep.with_options(task_runner=runner, flow_run_name=f"sweep-for-{flow_run.name}")(
+            return sweep.with_options(task_runner=runner, flow_run_name=name)(
                 train_split, points, selection, device, choice.gpu and device == "gpu",
                 refresh=bool(PREFECT_TASKS_REFRESH_CACHE.value()), return_state=True,
             )

@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from uuid import UUID
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from project import PROJECT, Project
 
 from uncool_prefect.runner import task_states
@@ -95,8 +98,13 @@ print(runner.run_pipeline(Path.cwd(), params, sys.argv[1]).flow_run_id)
                           cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "temporary server" not in done.stderr
-    assert task_states(done.stdout.split()[-1])["train"] == "Completed"
+    pipeline_run = done.stdout.split()[-1]
+    assert task_states(pipeline_run)["train"] == "Completed"
     assert sweep_trial_states(project, "1") == {"trial[classifier=logistic_regression]": "Completed"}
+    with get_client(sync_client=True) as client:
+        pipeline_name = client.read_flow_run(UUID(pipeline_run)).name
+        named = FlowRunFilter(name=FlowRunFilterName(any_=[f"sweep-for-{pipeline_name}"]))
+        assert len(client.read_flow_runs(flow_run_filter=named)) == 1
 
 
 def test_the_gpu_path_fits_through_array_api_and_stores_cpu_arrays(tmp_path: Path) -> None:
