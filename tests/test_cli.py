@@ -115,3 +115,26 @@ def test_demo_is_the_main_job_and_its_second_run_is_cached(tmp_path: Path) -> No
     assert run_2.count("Cached") >= 3 and "Completed" not in run_2
     assert "every task Cached" in done.stdout
     assert "dedup ratio" in done.stdout
+
+
+def test_a_relative_home_belongs_to_the_project_not_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cd flows && uncool run` must use the project's .uncool, not start a second one there."""
+    from uncool_prefect.settings import get_settings
+
+    project = tmp_path / "project"
+    (project / "flows").mkdir(parents=True)
+    (project / "flows" / "pipeline.py").write_text("")
+    monkeypatch.delenv("UNCOOL_HOME")
+    monkeypatch.chdir(project / "flows")
+    assert get_settings().home == project / ".uncool"
+    assert get_settings().store_url == str(project / ".uncool" / "store")
+    monkeypatch.setenv("UNCOOL_HOME", "state")
+    assert get_settings().home == project / "state"
+    monkeypatch.setenv("UNCOOL_HOME", str(tmp_path / "elsewhere"))
+    assert get_settings().home == tmp_path / "elsewhere"
+
+    monkeypatch.delenv("UNCOOL_HOME")
+    monkeypatch.chdir(tmp_path)  # no project here or above: the working folder's
+    assert get_settings().home == Path(".uncool")

@@ -173,3 +173,23 @@ def test_a_corrupted_cached_result_is_recomputed_not_returned(tmp_path: Path) ->
     states = task_states(str(second["flow_run_id"]))
     assert states["featurize"] == "Completed"  # recomputed: the bad copy was refused
     assert store.verify() == []  # and the store healed itself
+
+
+def test_pointing_a_block_at_another_store_says_what_it_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two projects on one server with the same block name: the second is told."""
+    from uncool_prefect.runner import ensure_block
+
+    name = f"shared-{tmp_path.name}".lower().replace("_", "-")
+    monkeypatch.setenv("UNCOOL_STORE", str(tmp_path / "a"))
+    assert ensure_block(name) == str(tmp_path / "a")
+    assert ensure_block(name) == str(tmp_path / "a")
+    assert "warning" not in capsys.readouterr().err  # first use, then unchanged: quiet
+
+    monkeypatch.setenv("UNCOOL_STORE", str(tmp_path / "b"))
+    ensure_block(name)
+    warning = capsys.readouterr().err
+    assert f"pointed at {tmp_path / 'a'}; it now points at {tmp_path / 'b'}" in warning
+    assert "UNCOOL_BLOCK" in warning
+    assert ContentAddressedStorage.load(name).basepath == str(tmp_path / "b")  # type: ignore[attr-defined]

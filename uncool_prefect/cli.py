@@ -10,7 +10,7 @@
     uncool sample-data|demo
 
 Every store command takes ``--basepath URL`` (default: ``UNCOOL_STORE``, else
-``.uncool/store`` in the working folder).
+``.uncool/store`` in the project folder).
 """
 
 from __future__ import annotations

@@ -82,6 +82,13 @@ def ensure_block(block_name: str) -> str:
         existing = None
     if wanted != existing:
         ContentAddressedStorage(basepath=wanted).save(block_name, overwrite=True)
+        if existing:
+            # NOTE: deployed runs load the block by name at run time: another
+            # project's worker would now read and write this project's store.
+            print(f"warning: block {block_name!r} pointed at {existing}; it now points at "
+                  f"{wanted}. Projects that share a Prefect server need a block each "
+                  "(UNCOOL_BLOCK=<name>), or their deployed runs use each other's store.",
+                  file=sys.stderr)
     return wanted
 
 

@@ -2,6 +2,11 @@
 
 Read from the environment (and a ``.env`` file in the working folder) each time
 :func:`get_settings` is called, so tests and subprocesses can change them.
+
+A relative ``UNCOOL_HOME`` (the default ``.uncool`` included) belongs to the
+project, as ``.git`` does: it is taken from the nearest folder at or above the
+working folder that holds ``flows/pipeline.py``, so a command run from a
+subfolder uses the project's store and registry, not a new one.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ class UncoolSettings(BaseSettings):
 
     home: Path = Field(
         default=Path(".uncool"),
-        description="Project state folder: the default store, server pid and logs.",
+        description="Project state folder: the default store, MLflow database, server pid "
+        "and logs; relative to the project folder.",
     )
     store: str | None = Field(
         default=None,
@@ -47,5 +53,19 @@ class UncoolSettings(BaseSettings):
         return self.store or str((self.home / "store").absolute())
 
 
+PROJECT_MARKER = Path("flows") / "pipeline.py"
+
+
+def project_root(start: Path | None = None) -> Path | None:
+    """The nearest folder at or above ``start`` (default: the working folder) with flows/pipeline.py."""
+    here = (start or Path.cwd()).absolute()
+    return next((base for base in (here, *here.parents) if (base / PROJECT_MARKER).is_file()), None)
+
+
 def get_settings() -> UncoolSettings:
-    return UncoolSettings()
+    settings = UncoolSettings()
+    if not settings.home.is_absolute():
+        root = project_root()
+        if root is not None:
+            return settings.model_copy(update={"home": root / settings.home})
+    return settings
