@@ -193,3 +193,26 @@ def test_pointing_a_block_at_another_store_says_what_it_moved(
     assert f"pointed at {tmp_path / 'a'}; it now points at {tmp_path / 'b'}" in warning
     assert "UNCOOL_BLOCK" in warning
     assert ContentAddressedStorage.load(name).basepath == str(tmp_path / "b")  # type: ignore[attr-defined]
+
+
+def test_server_status_and_block_register_use_the_server_that_answers(
+    prefect_server: str, tmp_path: Path
+) -> None:
+    uncool = str(Path(sys.executable).with_name("uncool"))
+    env = {**os.environ, "UNCOOL_HOME": str(tmp_path / "home"), "COLUMNS": "200"}
+    status = subprocess.run([uncool, "server", "status"], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert f"not started by this project; uncool commands use the server that answers at " \
+           f"{prefect_server.removesuffix('/api')}" in status.stdout
+
+    done = subprocess.run([uncool, "block", "register", "walkthrough", "--basepath", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"on {prefect_server}" in done.stdout and "temporary server" not in done.stderr
+    assert ContentAddressedStorage.load("walkthrough").basepath == str(tmp_path / "s")  # type: ignore[attr-defined]
+
+    dead = {**env, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    status = subprocess.run([uncool, "server", "status"], capture_output=True, text=True,
+                            timeout=60, env=dead)
+    assert (status.returncode, status.stdout.strip()) == (1, "not running")

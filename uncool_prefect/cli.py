@@ -230,11 +230,18 @@ def server_stop() -> None:
 
 @server_app.command(name="status")
 def server_status() -> int:
-    """Say whether our background server is up (exit 1 if not)."""
+    """Say whether our background server is up, or which server answers instead (exit 1: none)."""
+    import os
+
     from . import server
 
     info = server.status(get_settings().home)
     if info is None:
+        other = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{server.DEFAULT_PORT}/api"
+        if server.is_healthy(other):
+            out.print(f"not started by this project; uncool commands use the server that "
+                      f"answers at {other.removesuffix('/api')}")
+            return 0
         out.print("not running")
         return 1
     out.print(f"running: {info.ui_url} (pid {info.pid}, log {info.log})")
@@ -246,11 +253,14 @@ def server_status() -> int:
 def block_register(name: str = "default", /, *, basepath: Basepath = None) -> None:
     """Save a ContentAddressedStorage block NAME for the store (needs a Prefect API)."""
     from .blocks import ContentAddressedStorage
+    from .cli_automation import prefect_at, server_api_url
 
     url = basepath or get_settings().store_url
-    ContentAddressedStorage.register_type_and_schema()
-    ContentAddressedStorage(basepath=url).save(name, overwrite=True)
-    out.print(f"saved block content-addressed-storage/{name} -> {url}")
+    api_url = server_api_url()  # the server `uncool run` uses, not a temporary one
+    with prefect_at(api_url):
+        ContentAddressedStorage.register_type_and_schema()
+        ContentAddressedStorage(basepath=url).save(name, overwrite=True)
+    out.print(f"saved block content-addressed-storage/{name} -> {url} on {api_url}")
 
 
 # -- the pipeline ----------------------------------------------------------

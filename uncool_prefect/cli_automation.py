@@ -51,9 +51,9 @@ def deploy(
     if watch and "://" not in watch and not Path(watch).is_dir():
         raise WatchError(f"cannot watch {watch}: no such folder; create it, e.g. "
                          f"`uncool sample-data {watch} --day 1`, or copy your data there")
-    info = _server()
+    info = server_api_url()
     out.print(f"Prefect server  {info}")
-    with _prefect_at(info):
+    with prefect_at(info):
         out.print(f"work pool       {POOL} ({deploying.ensure_work_pool(POOL)})")
         store_url = deploying.register_blocks()
         out.print(f"store block     content-addressed-storage/{_block()} -> {store_url}")
@@ -94,7 +94,7 @@ def worker(
     from .cli import err
 
     project = runner.find_project()
-    api_url = _server()
+    api_url = server_api_url()
     env = deploying.worker_environment(project, api_url, query_seconds)
     prefect = Path(sys.executable).with_name("prefect")
     command = [str(prefect) if prefect.exists() else "prefect", "worker", "start",
@@ -129,7 +129,7 @@ def watch(
     from .events import DatasetWatcher
     from .runner import ensure_block
 
-    with _prefect_at(_server()):
+    with prefect_at(server_api_url()):
         ensure_block(_block())
         store = cast(ContentAddressedStorage, ContentAddressedStorage.load(_block())).store
         where = url if "://" in url else str(Path(url).absolute())
@@ -149,7 +149,7 @@ def watch(
     return 0
 
 
-def _server() -> str:
+def server_api_url() -> str:
     """The API URL of the server to use: PREFECT_API_URL if it answers, else the project's."""
     from . import runner, server
 
@@ -163,7 +163,7 @@ def _server() -> str:
     return runner.connect().api_url
 
 
-def _prefect_at(api_url: str) -> AbstractContextManager[object]:
+def prefect_at(api_url: str) -> AbstractContextManager[object]:
     """Prefect calls in this process go to ``api_url``.
 
     NOTE: Prefect reads its settings when first imported (finding the server
