@@ -69,6 +69,24 @@ def test_verify_exits_1_and_names_the_corrupt_object(tmp_path: Path, basepath: s
     done = uncool("store", "verify", "--basepath", basepath)
     assert done.returncode == 1
     assert f"corrupt: {oid}" in done.stdout and str(stored) in done.stdout
+    assert "1 damaged object(s)" in done.stderr
+
+
+def test_verify_counts_a_file_missing_from_two_folders_once(tmp_path: Path, basepath: str) -> None:
+    for name in ("day1", "day2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shared.txt").write_text("the same bytes in both folders\n")
+        (tmp_path / name / f"{name}.txt").write_text(f"only in {name}\n")
+        uncool("store", "put", str(tmp_path / name), "--basepath", basepath, check=True)
+    shared = uncool("store", "put", str(tmp_path / "day1" / "shared.txt"), "--basepath", basepath,
+                    check=True).stdout.strip()
+    blob = Path(basepath) / "objects" / "sha256" / shared[:2] / shared[2:]
+    blob.chmod(0o644)
+    blob.unlink()
+    done = uncool("store", "verify", "--basepath", basepath)
+    assert done.returncode == 1
+    assert done.stdout.count(f"missing: {shared}") == 2  # where each folder lists it
+    assert "1 damaged object(s)" in done.stderr
 
 
 @pytest.mark.parametrize(

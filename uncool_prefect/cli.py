@@ -183,7 +183,9 @@ def verify(*, basepath: Basepath = None) -> int:
         return 0
     for problem in problems:
         out.print(f"{problem.kind}: {problem.name} at {problem.url}: {problem.detail}")
-    err.print(f"{len(problems)} damaged object(s); put the original data again to repair")
+    # One missing object listed by several folders is one object to repair.
+    damaged = len({problem.name for problem in problems})
+    err.print(f"{damaged} damaged object(s); put the original data again to repair")
     return 1
 
 
