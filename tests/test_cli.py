@@ -156,3 +156,20 @@ def test_a_relative_home_belongs_to_the_project_not_the_working_folder(
     monkeypatch.delenv("UNCOOL_HOME")
     monkeypatch.chdir(tmp_path)  # no project here or above: the working folder's
     assert get_settings().home == Path(".uncool")
+
+
+def test_each_store_gets_its_own_block_unless_one_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two projects on one server keep apart; teammates on one bucket share a block (and its cache)."""
+    from uncool_prefect.settings import get_settings
+
+    monkeypatch.delenv("UNCOOL_BLOCK", raising=False)
+    monkeypatch.setenv("UNCOOL_STORE", "/work/project-a/.uncool/store")
+    first = get_settings().block
+    monkeypatch.setenv("UNCOOL_STORE", "/work/project-b/.uncool/store")
+    assert get_settings().block != first
+    monkeypatch.setenv("UNCOOL_STORE", "s3://team-bucket/uncool")
+    shared = get_settings().block
+    monkeypatch.setenv("UNCOOL_STORE", "s3://team-bucket/uncool/")
+    assert get_settings().block == shared and shared.startswith("uncool-")
+    monkeypatch.setenv("UNCOOL_BLOCK", "ours")
+    assert get_settings().block == "ours"

@@ -86,8 +86,9 @@ def ensure_block(block_name: str) -> str:
             # NOTE: deployed runs load the block by name at run time: another
             # project's worker would now read and write this project's store.
             print(f"warning: block {block_name!r} pointed at {existing}; it now points at "
-                  f"{wanted}. Projects that share a Prefect server need a block each "
-                  "(UNCOOL_BLOCK=<name>), or their deployed runs use each other's store.",
+                  f"{wanted}. Projects that share a Prefect server need a block each, or "
+                  "their deployed runs use each other's store: unset UNCOOL_BLOCK (one block "
+                  "per store by default) or give each project its own.",
                   file=sys.stderr)
     return wanted
 

@@ -11,6 +11,7 @@ subfolder uses the project's store and registry, not a new one.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from pydantic import Field
@@ -32,8 +33,9 @@ class UncoolSettings(BaseSettings):
     )
     algorithm: str = Field(default="sha256", description="Hash algorithm of new stores.")
     block: str = Field(
-        default="uncool",
-        description="Name of the ContentAddressedStorage block the pipeline's results go to.",
+        default="",
+        description="Name of the ContentAddressedStorage block the pipeline's results go to; "
+        "default: uncool-<8 hex digits of the store URL's hash>, one block per store.",
     )
     state_dir: Path | None = Field(
         default=None, description="Where the stat cache of a store lives (machine-local)."
@@ -62,10 +64,24 @@ def project_root(start: Path | None = None) -> Path | None:
     return next((base for base in (here, *here.parents) if (base / PROJECT_MARKER).is_file()), None)
 
 
+def default_block_name(store_url: str) -> str:
+    """One block per store: projects sharing a Prefect server keep apart by default.
+
+    NOTE: deployed runs load the block by name; with one name for everyone, a
+    second project's `uncool run` would re-point the first one's deployed runs
+    at its own store. Teammates on one shared store (s3://...) get one name,
+    and with it each other's cached results.
+    """
+    digest = hashlib.sha256(store_url.rstrip("/").encode("utf-8")).hexdigest()
+    return f"uncool-{digest[:8]}"
+
+
 def get_settings() -> UncoolSettings:
     settings = UncoolSettings()
     if not settings.home.is_absolute():
         root = project_root()
         if root is not None:
-            return settings.model_copy(update={"home": root / settings.home})
+            settings = settings.model_copy(update={"home": root / settings.home})
+    if not settings.block:
+        settings = settings.model_copy(update={"block": default_block_name(settings.store_url)})
     return settings
