@@ -173,3 +173,27 @@ def test_each_store_gets_its_own_block_unless_one_is_named(monkeypatch: pytest.M
     assert get_settings().block == shared and shared.startswith("uncool-")
     monkeypatch.setenv("UNCOOL_BLOCK", "ours")
     assert get_settings().block == "ours"
+
+
+def test_the_projects_env_file_counts_from_a_subfolder_and_reaches_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's flow runs start in the code cache, far from .env: they get the store and block pinned."""
+    from uncool_prefect.deploy import worker_environment
+    from uncool_prefect.settings import default_block_name, get_settings
+
+    project = tmp_path / "project"
+    (project / "flows").mkdir(parents=True)
+    (project / "flows" / "pipeline.py").write_text("")
+    (project / ".env").write_text("UNCOOL_STORE=s3://team-bucket/uncool/\n")
+    for name in ("UNCOOL_HOME", "UNCOOL_STORE", "UNCOOL_BLOCK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(project / "flows")
+    assert get_settings().store_url == "s3://team-bucket/uncool"
+    env = worker_environment(project, "http://127.0.0.1:9/api")
+    assert env["UNCOOL_STORE"] == "s3://team-bucket/uncool"
+    assert env["UNCOOL_BLOCK"] == default_block_name("s3://team-bucket/uncool") == get_settings().block
+    assert env["UNCOOL_HOME"] == str(project / ".uncool")
+
+    (project / ".env").write_text("UNCOOL_STORE=shared-store\n")  # relative: to the project
+    assert get_settings().store_url == str(project / "shared-store")

@@ -212,6 +212,16 @@ def test_server_status_and_block_register_use_the_server_that_answers(
     assert f"on {prefect_server}" in done.stdout and "temporary server" not in done.stderr
     assert ContentAddressedStorage.load("walkthrough").basepath == str(tmp_path / "s")  # type: ignore[attr-defined]
 
+    # No name: the store's own block, the one `uncool run` would use for it.
+    from uncool_prefect.settings import default_block_name
+
+    unnamed = {k: v for k, v in env.items() if k != "UNCOOL_BLOCK"}
+    done = subprocess.run([uncool, "block", "register", "--basepath", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=120, env=unnamed)
+    assert done.returncode == 0, done.stderr
+    own = default_block_name(str(tmp_path / "s"))
+    assert f"content-addressed-storage/{own} -> {tmp_path / 's'}" in done.stdout
+
     dead = {**env, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
     status = subprocess.run([uncool, "server", "status"], capture_output=True, text=True,
                             timeout=60, env=dead)

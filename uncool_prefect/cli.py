@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -233,13 +234,15 @@ def server_stop() -> None:
 @server_app.command(name="status")
 def server_status() -> int:
     """Say whether our background server is up, or which server answers instead (exit 1: none)."""
-    import os
+    from prefect.settings import PREFECT_API_URL
 
     from . import server
 
     info = server.status(get_settings().home)
     if info is None:
-        other = os.environ.get("PREFECT_API_URL") or f"http://127.0.0.1:{server.DEFAULT_PORT}/api"
+        # The same order as server.ensure: the environment, Prefect's profile, then :4200.
+        other = (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
+                 or f"http://127.0.0.1:{server.DEFAULT_PORT}/api")
         if server.is_healthy(other):
             out.print(f"not started by this project; uncool commands use the server that "
                       f"answers at {other.removesuffix('/api')}")
@@ -252,12 +255,21 @@ def server_status() -> int:
 
 # -- block -----------------------------------------------------------------
 @block_app.command(name="register")
-def block_register(name: str = "default", /, *, basepath: Basepath = None) -> None:
-    """Save a ContentAddressedStorage block NAME for the store (needs a Prefect API)."""
+def block_register(name: str | None = None, /, *, basepath: Basepath = None) -> None:
+    """Save a ContentAddressedStorage block NAME for the store (needs a Prefect API).
+
+    NAME defaults to the store's own block, the one `uncool run` and the
+    deployments use (UNCOOL_BLOCK, else uncool-<hash of the store URL>).
+    """
     from .blocks import ContentAddressedStorage
     from .cli_automation import prefect_at, server_api_url
+    from .settings import default_block_name
 
-    url = basepath or get_settings().store_url
+    settings = get_settings()
+    url = basepath or settings.store_url
+    if name is None:
+        name = default_block_name(url) if basepath and not os.environ.get("UNCOOL_BLOCK") \
+            else settings.block
     api_url = server_api_url()  # the server `uncool run` uses, not a temporary one
     with prefect_at(api_url):
         ContentAddressedStorage.register_type_and_schema()

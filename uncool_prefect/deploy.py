@@ -201,4 +201,9 @@ def worker_environment(project: Path, api_url: str,
     env["PREFECT_WORKER_QUERY_SECONDS"] = str(query_seconds)
     home = Path(env.get("UNCOOL_HOME") or get_settings().home)
     env["UNCOOL_HOME"] = str(home if home.is_absolute() else (project / home).absolute())
+    # NOTE: flow runs start in the code cache, away from the project's .env:
+    # pin the store and its block as `uncool deploy` saw them.
+    settings = get_settings()
+    env["UNCOOL_STORE"] = settings.store_url
+    env["UNCOOL_BLOCK"] = settings.block
     return env

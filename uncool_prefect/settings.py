@@ -77,11 +77,19 @@ def default_block_name(store_url: str) -> str:
 
 
 def get_settings() -> UncoolSettings:
-    settings = UncoolSettings()
-    if not settings.home.is_absolute():
-        root = project_root()
-        if root is not None:
-            settings = settings.model_copy(update={"home": root / settings.home})
+    root = project_root()
+    # The project's .env, wherever in the project the command runs.
+    settings = UncoolSettings(_env_file=root / ".env") if root else UncoolSettings()  # type: ignore[call-arg]
+    updates: dict[str, object] = {}
+    if root is not None and not settings.home.is_absolute():
+        updates["home"] = root / settings.home
+    if settings.store:
+        store = settings.store.rstrip("/")
+        if root is not None and "://" not in store and not Path(store).is_absolute():
+            store = str(root / store)
+        updates["store"] = store
+    if updates:
+        settings = settings.model_copy(update=updates)
     if not settings.block:
         settings = settings.model_copy(update={"block": default_block_name(settings.store_url)})
     return settings

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -342,10 +343,11 @@ def snapshot_folder(url: str, dest: Path, storage_options: dict[str, Any] | None
             for rel, entry in listing.items():
                 stat = tmp.joinpath(*rel.split("/")).stat()
                 entry.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        # The old listing goes just before the swap: a crash between the swap
+        # and the new listing must not leave one that vouches for files it never
+        # saw, while a snapshot that fails earlier keeps it for the next try.
+        listing_file.unlink(missing_ok=True)
 
-    # The old listing goes first: a crash between the swap and the new listing
-    # must not leave one that vouches for files it never saw.
-    listing_file.unlink(missing_ok=True)
     replace_dir(dest, build)
     _write_listing(listing_file, listing)
     logger.info("snapshot of %s: %d file(s) copied, %d unchanged kept, in %s",
@@ -392,7 +394,7 @@ def _read_listing(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _write_listing(path: Path, listing: dict[str, dict[str, Any]]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(json.dumps(listing, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
 

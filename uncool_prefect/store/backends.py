@@ -721,8 +721,8 @@ async def _s3_multipart_put(fs: Any, local: Path, target: str, callback: Callbac
     parts: list[dict[str, Any]] = []
     try:
         with open(local, "rb") as source:
-            while batch := [chunk for chunk in (source.read(part_size)
-                                                for _ in range(S3_PARTS_IN_FLIGHT)) if chunk]:
+            # Reads go to a thread: this loop is fsspec's, shared by every s3fs call.
+            while batch := await asyncio.to_thread(_read_parts, source, part_size):
                 first = len(parts) + 1
                 settled = await asyncio.gather(
                     *(send(first + i, body) for i, body in enumerate(batch)),
@@ -740,11 +740,17 @@ async def _s3_multipart_put(fs: Any, local: Path, target: str, callback: Callbac
         # The original failure is what the user needs; a failed abort leaves an
         # upload that a bucket lifecycle rule (AbortIncompleteMultipartUpload) ends.
         with contextlib.suppress(Exception):
-            await fs._call_s3(
+            # Shielded: a cancelled upload (Ctrl-C) still sends its abort.
+            await asyncio.shield(fs._call_s3(
                 "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id,
-            )
+            ))
         raise
     fs.invalidate_cache(target)
+
+
+def _read_parts(source: IO[bytes], part_size: int) -> list[bytes]:
+    """The next batch of parts (at most S3_PARTS_IN_FLIGHT); empty at the end."""
+    return [chunk for chunk in (source.read(part_size) for _ in range(S3_PARTS_IN_FLIGHT)) if chunk]
 
 
 def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
