@@ -292,10 +292,11 @@ def test_snapshot_from_s3_fetches_only_what_changed(
     assert "1 file(s) copied, 10 unchanged kept" in snapshot()
     assert (dest / rel).read_bytes() == same_size
 
-    # A local copy edited by hand is not trusted: fetched again.
-    (dest / rel).write_bytes(b"edited\n")
-    assert "1 file(s) copied, 10 unchanged kept" in snapshot()
-    assert (dest / rel).read_bytes() == same_size
+    # A local copy edited by hand is not trusted: fetched again, whatever its size.
+    for edit in (b"edited\n", bytes(reversed(same_size))):
+        (dest / rel).write_bytes(edit)
+        assert "1 file(s) copied, 10 unchanged kept" in snapshot()
+        assert (dest / rel).read_bytes() == same_size
     assert tree(dest) == {p.split("/issues/")[1]: fs.cat(p) for p in fs.find(f"{s3_bucket}/issues")}
 
 
