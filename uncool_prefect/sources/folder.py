@@ -33,14 +33,13 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
 
-from ._files import replace_dir
+from ._files import replace_dir, write_text_atomic
 from .examples import DataError, Example, check_name, sort_examples
 
 logger = logging.getLogger(__name__)
@@ -349,7 +348,7 @@ def snapshot_folder(url: str, dest: Path, storage_options: dict[str, Any] | None
         listing_file.unlink(missing_ok=True)
 
     replace_dir(dest, build)
-    _write_listing(listing_file, listing)
+    write_text_atomic(listing_file, json.dumps(listing, sort_keys=True))
     logger.info("snapshot of %s: %d file(s) copied, %d unchanged kept, in %s",
                 url, copied, reused, dest)
     return dest
@@ -391,12 +390,6 @@ def _read_listing(path: Path) -> dict[str, dict[str, Any]]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _write_listing(path: Path, listing: dict[str, dict[str, Any]]) -> None:
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(listing, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_examples(examples: Sequence[Example], dest: str | Path) -> None:
