@@ -135,15 +135,21 @@ def test_demo_is_the_main_job_and_its_second_run_is_cached(tmp_path: Path) -> No
     assert "dedup ratio" in done.stdout
 
 
+def _project(tmp_path: Path) -> Path:
+    """A folder that uncool takes for a project: it holds flows/pipeline.py."""
+    project = tmp_path / "project"
+    (project / "flows").mkdir(parents=True)
+    (project / "flows" / "pipeline.py").write_text("")
+    return project
+
+
 def test_a_relative_home_belongs_to_the_project_not_the_working_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`cd flows && uncool run` must use the project's .uncool, not start a second one there."""
     from uncool_prefect.settings import get_settings
 
-    project = tmp_path / "project"
-    (project / "flows").mkdir(parents=True)
-    (project / "flows" / "pipeline.py").write_text("")
+    project = _project(tmp_path)
     monkeypatch.delenv("UNCOOL_HOME")
     monkeypatch.chdir(project / "flows")
     assert get_settings().home == project / ".uncool"
@@ -182,9 +188,7 @@ def test_the_projects_env_file_counts_from_a_subfolder_and_reaches_the_worker(
     from uncool_prefect.deploy import worker_environment
     from uncool_prefect.settings import default_block_name, get_settings
 
-    project = tmp_path / "project"
-    (project / "flows").mkdir(parents=True)
-    (project / "flows" / "pipeline.py").write_text("")
+    project = _project(tmp_path)
     (project / ".env").write_text("UNCOOL_STORE=s3://team-bucket/uncool/\n")
     for name in ("UNCOOL_HOME", "UNCOOL_STORE", "UNCOOL_BLOCK"):
         monkeypatch.delenv(name, raising=False)

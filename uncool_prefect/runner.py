@@ -19,20 +19,19 @@ from uuid import UUID
 
 from . import compute, server
 from .params import apply_overrides, load_params
-from .settings import get_settings
+from .settings import PROJECT_MARKER, get_settings, project_root
 from .sources import load_examples
 
-PIPELINE = Path("flows") / "pipeline.py"
+PIPELINE = PROJECT_MARKER
 PARAMS = Path("flows") / "params.yaml"
 STAGES = ("get-data", "split", "train", "evaluate", "deploy")
 
 
 def find_project(marker: Path = PIPELINE, start: Path | None = None) -> Path:
     """The folder at or above ``start`` that holds ``marker`` (flows/pipeline.py)."""
-    here = (start or Path.cwd()).absolute()
-    for base in (here, *here.parents):
-        if (base / marker).exists():
-            return base
+    root = project_root(start, marker)
+    if root is not None:
+        return root
     raise server.ServerError(
         f"cannot find {marker} here or above; run uncool from the project folder"
     )

@@ -58,10 +58,10 @@ class UncoolSettings(BaseSettings):
 PROJECT_MARKER = Path("flows") / "pipeline.py"
 
 
-def project_root(start: Path | None = None) -> Path | None:
-    """The nearest folder at or above ``start`` (default: the working folder) with flows/pipeline.py."""
+def project_root(start: Path | None = None, marker: Path = PROJECT_MARKER) -> Path | None:
+    """The nearest folder at or above ``start`` (default: the working folder) holding ``marker``."""
     here = (start or Path.cwd()).absolute()
-    return next((base for base in (here, *here.parents) if (base / PROJECT_MARKER).is_file()), None)
+    return next((base for base in (here, *here.parents) if (base / marker).is_file()), None)
 
 
 def default_block_name(store_url: str) -> str:
