@@ -234,15 +234,12 @@ def server_stop() -> None:
 @server_app.command(name="status")
 def server_status() -> int:
     """Say whether our background server is up, or which server answers instead (exit 1: none)."""
-    from prefect.settings import PREFECT_API_URL
-
     from . import server
 
     info = server.status(get_settings().home)
     if info is None:
         # The same order as server.ensure: the environment, Prefect's profile, then :4200.
-        other = (os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
-                 or f"http://127.0.0.1:{server.DEFAULT_PORT}/api")
+        other = server.configured_api_url() or server.LOCAL_API_URL
         if server.is_healthy(other):
             out.print(f"not started by this project; uncool commands use the server that "
                       f"answers at {other.removesuffix('/api')}")

@@ -199,11 +199,10 @@ def worker_environment(project: Path, api_url: str,
     env = dict(os.environ)
     env["PREFECT_API_URL"] = api_url
     env["PREFECT_WORKER_QUERY_SECONDS"] = str(query_seconds)
-    home = Path(env.get("UNCOOL_HOME") or get_settings().home)
-    env["UNCOOL_HOME"] = str(home if home.is_absolute() else (project / home).absolute())
+    settings = get_settings()
+    env["UNCOOL_HOME"] = str((project / settings.home).absolute())  # an absolute home stays
     # NOTE: flow runs start in the code cache, away from the project's .env:
     # pin the store and its block as `uncool deploy` saw them.
-    settings = get_settings()
     env["UNCOOL_STORE"] = settings.store_url
     env["UNCOOL_BLOCK"] = settings.block
     return env

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_PORT = 4200
+LOCAL_API_URL = f"http://127.0.0.1:{DEFAULT_PORT}/api"
 START_TIMEOUT_S = 90.0
 
 
@@ -155,13 +156,19 @@ def stop(state_dir: Path) -> bool:
     return stopped
 
 
-def ensure(state_dir: Path) -> ServerInfo:
-    """The API to use: ``PREFECT_API_URL`` if set, a local server, or a new one."""
+def configured_api_url() -> str | None:
+    """``PREFECT_API_URL`` from the environment, else from Prefect's profile; None if unset."""
     configured = os.environ.get("PREFECT_API_URL")
     if not configured:
         from prefect.settings import PREFECT_API_URL
 
         configured = PREFECT_API_URL.value()
+    return configured or None
+
+
+def ensure(state_dir: Path) -> ServerInfo:
+    """The API to use: ``PREFECT_API_URL`` if set, a local server, or a new one."""
+    configured = configured_api_url()
     if configured:
         if not is_healthy(configured, timeout=5.0):
             raise ServerError(
@@ -169,7 +176,6 @@ def ensure(state_dir: Path) -> ServerInfo:
                 "start it, or unset PREFECT_API_URL to let uncool start a local one"
             )
         return ServerInfo(configured, None, None)
-    local = f"http://127.0.0.1:{DEFAULT_PORT}/api"
-    if is_healthy(local):
-        return ServerInfo(local, None, None)
+    if is_healthy(LOCAL_API_URL):
+        return ServerInfo(LOCAL_API_URL, None, None)
     return start(state_dir)
