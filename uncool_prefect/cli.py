@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -260,13 +259,10 @@ def block_register(name: str | None = None, /, *, basepath: Basepath = None) -> 
     """
     from .blocks import ContentAddressedStorage
     from .cli_automation import prefect_at, server_api_url
-    from .settings import default_block_name
 
-    settings = get_settings()
+    settings = get_settings(store=basepath) if basepath else get_settings()
     url = basepath or settings.store_url
-    if name is None:
-        name = default_block_name(url) if basepath and not os.environ.get("UNCOOL_BLOCK") \
-            else settings.block
+    name = name or settings.block
     api_url = server_api_url()  # the server `uncool run` uses, not a temporary one
     with prefect_at(api_url):
         ContentAddressedStorage.register_type_and_schema()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -76,10 +77,13 @@ def default_block_name(store_url: str) -> str:
     return f"uncool-{digest[:8]}"
 
 
-def get_settings() -> UncoolSettings:
+def get_settings(**overrides: Any) -> UncoolSettings:
+    """The settings in force; ``overrides`` (e.g. ``store=``) win over the environment."""
     root = project_root()
     # The project's .env, wherever in the project the command runs.
-    settings = UncoolSettings(_env_file=root / ".env") if root else UncoolSettings()  # type: ignore[call-arg]
+    if root is not None:
+        overrides["_env_file"] = root / ".env"
+    settings = UncoolSettings(**overrides)
     updates: dict[str, object] = {}
     if root is not None and not settings.home.is_absolute():
         updates["home"] = root / settings.home
