@@ -198,8 +198,8 @@ def resolve_target(store: ObjectStore, target: str, home: Path) -> dict[str, Any
             return store.get_run_record(target)
         except (FileNotFoundError, InvalidKeyError) as exc:
             matches = [r for r in iter_records(store)
-                       if len(target) >= MIN_RUN_PREFIX
-                       and str(r.get("flow_run_id", "")).startswith(target)]
+                       if str(r.get("flow_run_id", "")).startswith(target)
+                       ] if len(target) >= MIN_RUN_PREFIX else []
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:

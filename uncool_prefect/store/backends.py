@@ -621,8 +621,10 @@ class FsspecBackend:
         callback = callback or NoOpCallback()
         target = self._path(rel)
         with self._errors(rel):
-            if self.protocol in ("s3", "s3a") and local.stat().st_size >= 2 * S3_PART_SIZE:
-                fsspec.asyn.sync(self.fs.loop, _s3_multipart_put, self.fs, local, target, callback)
+            size = local.stat().st_size
+            if self.protocol in ("s3", "s3a") and size >= 2 * S3_PART_SIZE:
+                fsspec.asyn.sync(self.fs.loop, _s3_multipart_put, self.fs, local, size, target,
+                                 callback)
             elif self._atomic_put:
                 self.fs.put_file(str(local), target, callback=callback)
             else:
@@ -695,7 +697,8 @@ class _TranslatingReader(io.RawIOBase):
         super().close()
 
 
-async def _s3_multipart_put(fs: Any, local: Path, target: str, callback: Callback) -> None:
+async def _s3_multipart_put(fs: Any, local: Path, size: int, target: str,
+                            callback: Callback) -> None:
     """Upload ``local`` in parts; on any failure abort once nothing is in flight.
 
     NOTE: s3fs's own multipart put gathers a batch of parts and aborts as soon as
@@ -704,7 +707,6 @@ async def _s3_multipart_put(fs: Any, local: Path, target: str, callback: Callbac
     docs). Here every part of a batch settles before the abort is sent.
     """
     bucket, key, _ = fs.split_path(target)
-    size = local.stat().st_size
     callback.set_size(size)
     part_size = max(S3_PART_SIZE, -(-size // S3_MAX_PARTS))
     upload = await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key)
