@@ -200,6 +200,7 @@ def train(train_split: str, params: dict[str, Any], lineage: dict[str, str],
     # The first of equals wins: the grid's order is stable.
     best = max(range(len(trials)), key=lambda i: (trials[i]["scores"][metric], -i))
     chosen = trials[best]
+    labels = [label for _, label in points_and_labels(points)]
     model = labeler.load_model(_block_store().get_bytes(chosen["model"]))
     tracking.configure(get_settings().home)
     tags = {**lineage, "prefect_flow_run_id": str(flow_run.id or "")}
@@ -208,26 +209,26 @@ def train(train_split: str, params: dict[str, Any], lineage: dict[str, str],
                            **{f"sweep.{k}": v for k, v in _flat(config)}})
         mlflow.set_tags({**tags, "model_oid": chosen["model"], "prefect_sweep_flow_run_id": sweep_run_id,
                          "sweep.trials": str(len(trials)),
-                         "sweep.best": points_and_labels(points)[best][1], "device": device})
+                         "sweep.best": labels[best], "device": device})
         logged = mlflow.sklearn.log_model(
             model, name="model",
             pip_requirements=["scikit-learn", "numpy", "scipy"],
         )
-        for (_, label), result in zip(points_and_labels(points), trials, strict=True):
+        for label, result in zip(labels, trials, strict=True):
             with mlflow.start_run(run_name=f"trial[{label}]", nested=True):
                 mlflow.log_params(dict(_flat(result["params"])))
                 mlflow.log_metrics({f"val_{k}": v for k, v in result["scores"].items()})
                 mlflow.set_tags({**tags, "model_oid": result["model"], "state": result["state"],
                                  "chosen": str(result is chosen).lower(), "device": device})
     logger.info("best of %d trial(s): %s (%s %.3f); model %s, MLflow run %s, sweep flow run %s",
-                len(trials), points_and_labels(points)[best][1], metric, chosen["scores"][metric],
+                len(trials), labels[best], metric, chosen["scores"][metric],
                 chosen["model"], run.info.run_id, sweep_run_id)
     return {"model": chosen["model"], "mlflow_run_id": run.info.run_id,
             "mlflow_model_uri": logged.model_uri, "metric": metric, "device": device,
             "runner": choice.kind, "sweep_flow_run_id": sweep_run_id,
             "trials": [{"label": label, "state": t["state"], "model": t["model"],
                         "scores": t["scores"]}
-                       for (_, label), t in zip(points_and_labels(points), trials, strict=True)]}
+                       for label, t in zip(labels, trials, strict=True)]}
 
 
 @stage(name="evaluate")
@@ -328,15 +329,12 @@ def resolve_dataset(dataset: str) -> str | None:
 
     None when that watcher has announced nothing yet.
     """
-    from uncool_prefect.events import STATE_PREFIX
-    from uncool_prefect.store import ObjectNotFoundError
+    from uncool_prefect.events import last_announced
 
     if not dataset.startswith("watch:"):
         return dataset
-    try:
-        return str(_store().get_ref(f"{STATE_PREFIX}/{dataset.removeprefix('watch:')}")["oid"])
-    except ObjectNotFoundError:
-        return None
+    state = last_announced(_store(), dataset.removeprefix("watch:"))
+    return str(state["oid"]) if state else None
 
 
 def dataset_folder(dataset: str) -> Path:

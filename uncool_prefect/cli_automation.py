@@ -90,14 +90,13 @@ def worker(
     records into the same MLflow database and data cache.
     """
     from . import deploy as deploying
-    from . import runner
+    from . import runner, server
     from .cli import err
 
     project = runner.find_project()
     api_url = server_api_url()
     env = deploying.worker_environment(project, api_url, query_seconds)
-    prefect = Path(sys.executable).with_name("prefect")
-    command = [str(prefect) if prefect.exists() else "prefect", "worker", "start",
+    command = [server.prefect_executable(), "worker", "start",
                "--pool", pool, "--type", "process"]
     err.print(f"worker on {pool} (polls every {query_seconds:g} s), UNCOOL_HOME={env['UNCOOL_HOME']}")
     sys.stdout.flush()

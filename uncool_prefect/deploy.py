@@ -18,12 +18,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from . import server
 from .settings import get_settings
 from .store import ObjectRef, ObjectStore
 from .store.objects import cache_dir
@@ -117,8 +117,7 @@ def apply_deployments(project: Path, api_url: str) -> str:
     prefect_file = project / PREFECT_FILE
     if not prefect_file.exists():
         raise DeployError(f"{prefect_file} is missing; it declares the deployments")
-    prefect = Path(sys.executable).with_name("prefect")
-    command = [str(prefect) if prefect.exists() else "prefect", "--no-prompt", "deploy", "--all",
+    command = [server.prefect_executable(), "--no-prompt", "deploy", "--all",
                "--prefect-file", str(PREFECT_FILE)]
     done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PREFECT_API_URL": api_url})

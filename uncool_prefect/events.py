@@ -60,6 +60,14 @@ def is_dataset_file(rel: str) -> bool:
     return bool(parts) and not any(p.startswith(".") for p in parts) and not _TEMPORARY.search(parts[-1])
 
 
+def last_announced(store: ObjectStore, name: str) -> dict[str, Any] | None:
+    """The state ref of the watcher of ``name`` (its ``oid`` is the dataset), or None."""
+    try:
+        return store.get_ref(f"{STATE_PREFIX}/{name}")
+    except ObjectNotFoundError:
+        return None
+
+
 def content_key(store: ObjectStore, dataset: str) -> str:
     """What the dataset holds, whatever its files are called.
 
@@ -151,18 +159,15 @@ class DatasetWatcher:
         self.debounce, self.poll_interval = debounce, poll_interval
         self.emit = emit
         self.storage_options = storage_options
-        self.remote = "://" in url and not url.startswith("file://")
-        self.root = None if self.remote else Path(url.removeprefix("file://")).absolute()
+        remote = "://" in url and not url.startswith("file://")
+        self.root = None if remote else Path(url.removeprefix("file://")).absolute()
         if self.root is not None and not self.root.is_dir():
             raise WatchError(f"cannot watch {self.root}: no such folder; create it, or check the path")
         self.state_key = f"{STATE_PREFIX}/{name}"
 
     # -- state ---------------------------------------------------------------
     def last_announced(self) -> dict[str, Any] | None:
-        try:
-            return self.store.get_ref(self.state_key)
-        except ObjectNotFoundError:
-            return None
+        return last_announced(self.store, self.name)
 
     # -- one check -----------------------------------------------------------
     def check(self) -> Announcement:
@@ -194,7 +199,7 @@ class DatasetWatcher:
         if self.remote_fingerprint() != fingerprint:
             return Announcement(None, False, "objects changed while they were read; waiting",
                                 retry=True)
-        if not any(True for _ in _listing(folder)):
+        if not _listing(folder):
             return Announcement(None, False, f"{self.url} holds no data files yet")
         return self._announce(self.store.put_dir(folder, include=is_dataset_file), state, fingerprint)
 

@@ -105,9 +105,7 @@ def start(state_dir: Path, port: int | None = None, timeout: float = START_TIMEO
     api_url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    prefect = Path(sys.executable).with_name("prefect")
-    command = [str(prefect) if prefect.exists() else "prefect",
-               "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    command = [prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -154,6 +152,12 @@ def stop(state_dir: Path) -> bool:
         stopped = True
     _state_file(state_dir).unlink(missing_ok=True)
     return stopped
+
+
+def prefect_executable() -> str:
+    """The ``prefect`` command of this virtualenv, else the one on PATH."""
+    local = Path(sys.executable).with_name("prefect")
+    return str(local) if local.exists() else "prefect"
 
 
 def configured_api_url() -> str | None:
