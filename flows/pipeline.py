@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import labeler
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.context import SettingsContext
 from prefect.runtime import flow_run
 
-from uncool_prefect import compute, reports, tracking
-from uncool_prefect.caching import ContentAware
-from uncool_prefect.lineage import build_record, run_trigger, snapshot_code, snapshot_environment
+from uncool_prefect import Gate, compute, get_store, pipeline, register_model, reports, stage, tracking
 from uncool_prefect.settings import get_settings
 from uncool_prefect.sources import (
     DataError,
@@ -40,61 +36,36 @@ from uncool_prefect.sources import (
     write_sample,
 )
 
-BLOCK = get_settings().block
-STORAGE = f"content-addressed-storage/{BLOCK}"
-FLOWS_DIR = Path(__file__).resolve().parent
-
-stage = functools.partial(
-    task, result_storage=STORAGE, persist_result=True,
-    cache_policy=ContentAware(), retries=0,
-)
-
-
-@functools.cache
-def _store() -> Any:
-    from uncool_prefect import ContentAddressedStorage
-
-    return ContentAddressedStorage.load(BLOCK).store
-
 
 def _rows_from_dataset(dataset: str, labels: list[str]) -> list[dict[str, str]]:
     with tempfile.TemporaryDirectory(prefix="uncool-data-") as tmp:
-        folder = _store().get_dir(dataset, Path(tmp) / "data")
+        folder = get_store().get_dir(dataset, Path(tmp) / "data")
         examples = load_examples(folder, labels)
     return [{"id": e.id, "text": e.text, "label": e.label} for e in examples]
 
 
 @stage(name="get-data")
-def get_data(source: Path, labels: list[str]) -> dict[str, Any]:
-    """Validate a snapshot of the data and store it; its manifest hash is the data version."""
-    examples = load_examples(source, labels)  # raises a clear DataError on bad input
-    ref = _store().put_dir(source)
-    counts = Counter(e.label for e in examples)
-    get_run_logger().info("data version %s: %d examples %s", ref.name, len(examples), dict(counts))
-    return {"dataset": ref.name, "examples": len(examples), "label_counts": dict(sorted(counts.items()))}
+def get_data(source: Path, label_counts: dict[str, int]) -> dict[str, Any]:
+    """Store a snapshot of the (already validated) data; its manifest hash is the data version.
+
+    ``source`` is a path: stored and recorded as the run's input as its cache
+    key is made, so the put below finds every file there already.
+    """
+    ref = get_store().put_dir(source)
+    get_run_logger().info("data version %s: %d examples %s", ref.name,
+                          sum(label_counts.values()), label_counts)
+    return {"dataset": ref.name, "examples": sum(label_counts.values()), "label_counts": label_counts}
 
 
 @stage(name="split")
-def split(dataset: str, labels: list[str], test_size: float, seed: int) -> dict[str, str]:
+def split_data(dataset: str, labels: list[str], test_size: float, seed: int) -> dict[str, str]:
     rows = _rows_from_dataset(dataset, labels)
     train_rows, val_rows = labeler.split_rows(rows, test_size, seed)
-    store = _store()
+    store = get_store()
     return {
         "train": store.put_bytes(labeler.rows_to_jsonl(train_rows)).oid,
         "val": store.put_bytes(labeler.rows_to_jsonl(val_rows)).oid,
     }
-
-
-def _block_store() -> Any:
-    """The store, loaded afresh: unlike ``_store`` it pickles by value.
-
-    NOTE: Dask workers receive the train and trial tasks (and all they reach)
-    pickled by value, since they cannot import this file; a functools.cache
-    wrapper pickles by name only.
-    """
-    from uncool_prefect import ContentAddressedStorage
-
-    return ContentAddressedStorage.load(BLOCK).store
 
 
 @stage(name="trial")
@@ -105,7 +76,7 @@ def trial(train_split: str, params: dict[str, Any], selection: dict[str, Any],
     Cached by content like every stage: the same split, params, selection and
     device (and code) give the stored model back without training.
     """
-    store = _block_store()
+    store = get_store()
     rows = labeler.jsonl_to_rows(store.get_bytes(train_split))
     model, scores = labeler.run_trial(rows, params, selection["metric"], float(selection["val_size"]),
                                       int(selection["seed"]), device)
@@ -149,7 +120,7 @@ def points_and_labels(points: list[dict[str, Any]]) -> list[tuple[dict[str, Any]
 
 
 @stage(name="train")
-def train(train_split: str, params: dict[str, Any], lineage: dict[str, str],
+def train_model(train_split: str, params: dict[str, Any], lineage: dict[str, str],
           tracking_uri: str) -> dict[str, Any]:
     """The sweep over ``params["sweep"]``, the best trial's model stored and logged to MLflow.
 
@@ -201,8 +172,8 @@ def train(train_split: str, params: dict[str, Any], lineage: dict[str, str],
     best = max(range(len(trials)), key=lambda i: (trials[i]["scores"][metric], -i))
     chosen = trials[best]
     labels = [label for _, label in points_and_labels(points)]
-    model = labeler.load_model(_block_store().get_bytes(chosen["model"]))
-    tracking.configure(get_settings().home)
+    model = labeler.load_model(get_store().get_bytes(chosen["model"]))
+    tracking.configure_default()
     tags = {**lineage, "prefect_flow_run_id": str(flow_run.id or "")}
     with mlflow.start_run(run_name=f"train-{chosen['model'][:8]}") as run:
         mlflow.log_params({**dict(_flat(chosen["params"])),
@@ -232,47 +203,28 @@ def train(train_split: str, params: dict[str, Any], lineage: dict[str, str],
 
 
 @stage(name="evaluate")
-def evaluate(model: str, val_split: str, labels: list[str], mlflow_run_id: str) -> dict[str, Any]:
-    from mlflow import MlflowClient
-
-    fitted = labeler.load_model(_store().get_bytes(model))
-    rows = labeler.jsonl_to_rows(_store().get_bytes(val_split))
+def evaluate_model(model: str, val_split: str, labels: list[str], model_name: str) -> dict[str, Any]:
+    """Metrics and the confusion matrix on the validation split, stored and shown in the UI."""
+    store = get_store()
+    fitted = labeler.load_model(store.get_bytes(model))
+    rows = labeler.jsonl_to_rows(store.get_bytes(val_split))
     metrics, confusion = labeler.evaluate_model(fitted, rows, labels)
-    metrics_oid = _store().put_bytes(labeler.rows_to_jsonl([metrics])).oid  # type: ignore[list-item]
-    tracking.configure(get_settings().home)
-    client = MlflowClient()
-    for name, value in metrics.items():
-        client.log_metric(mlflow_run_id, name, value)
-    reports.publish_evaluation(metrics, confusion, labels)
-    return {"metrics": metrics, "confusion": confusion, "metrics_oid": metrics_oid}
+    reports.publish_evaluation(model_name, metrics, confusion, labels)
+    return {"metrics": store.put_bytes(labeler.rows_to_jsonl([metrics])).oid,  # type: ignore[list-item]
+            "values": metrics, "confusion": confusion}
 
 
 @stage(name="deploy")
-def deploy(trained: dict[str, Any], evaluated: dict[str, Any], deploy_params: dict[str, Any],
-           lineage: dict[str, str]) -> dict[str, Any]:
-    """Register a version; champion only if it beats the current one."""
-    tracking.configure(get_settings().home)
-    decision = tracking.register_and_gate(
-        model_name=deploy_params["model_name"],
-        run_id=trained["mlflow_run_id"],
-        model_uri=trained["mlflow_model_uri"],
-        metrics=evaluated["metrics"],
-        gate_metric=deploy_params["gate_metric"],
-        min_improvement=float(deploy_params["min_improvement"]),
-        # NOTE: the code hash is a tag, not an input: an edit elsewhere in
-        # the plugin must not register the same model again.
-        tags={**lineage, "code_hash": snapshot_code(_store(), _code_roots())["snapshot"],
-              "model_oid": trained["model"],
-              "prefect_flow_run_id": str(flow_run.id or "")},
+def deploy_model(trained: dict[str, Any], evaluated: dict[str, Any], deploy: dict[str, Any],
+                 data_version: str) -> Any:
+    """Register a version; champion only if it beats the current one (see the README)."""
+    registration = register_model(
+        trained["mlflow_model_uri"], deploy["model_name"], evaluated["values"],
+        gate=Gate(metric=deploy["gate_metric"], min_improvement=float(deploy["min_improvement"])),
+        tags={"data_hash": data_version, "model_oid": trained["model"]},
     )
-    summary = decision.__dict__
-    reports.publish_report(reports.report_markdown(
-        model_name=deploy_params["model_name"], decision=summary,
-        metrics=evaluated["metrics"], dataset=lineage["data_hash"], model_oid=trained["model"],
-        params_hash=lineage["params_hash"], mlflow_run_id=trained["mlflow_run_id"],
-    ))
-    get_run_logger().info("v%s: %s", decision.version, decision.reason)
-    return summary
+    get_run_logger().info("v%s: %s", registration.version, registration.decision.reason)
+    return registration
 
 
 def materialize_source(data: dict[str, Any]) -> Path:
@@ -312,14 +264,8 @@ def materialize_source(data: dict[str, Any]) -> Path:
     raise DataError(f"data.source {kind!r} is unknown; choose sample, folder or github")
 
 
-def _code_roots() -> dict[str, Path]:
-    import uncool_prefect
-
-    return {"flows": FLOWS_DIR, "uncool_prefect": Path(uncool_prefect.__file__).parent}
-
-
 def _flat(params: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    from uncool_prefect.params import flatten
+    from uncool_prefect.project.params import flatten
 
     return list(flatten(params, prefix))
 
@@ -333,7 +279,7 @@ def resolve_dataset(dataset: str) -> str | None:
 
     if not dataset.startswith("watch:"):
         return dataset
-    state = last_announced(_store(), dataset.removeprefix("watch:"))
+    state = last_announced(get_store(), dataset.removeprefix("watch:"))
     return str(state["oid"]) if state else None
 
 
@@ -341,75 +287,49 @@ def dataset_folder(dataset: str) -> Path:
     """A local copy of a dataset already in the store (as the watcher announced it)."""
     dest = get_settings().home.absolute() / "data" / "datasets" / dataset
     if not dest.is_dir():  # get_dir builds aside and renames: a folder here is complete
-        _store().get_dir(dataset, dest)
+        get_store().get_dir(dataset, dest)
     return dest
 
 
-@flow(name="train-evaluate-deploy", log_prints=True)
-def train_evaluate_deploy(params: dict[str, Any] | None = None, source: str | None = None,
+@pipeline(name="train-evaluate-deploy", log_prints=True)
+def train_evaluate_deploy(data: dict[str, Any] | None = None, split: dict[str, Any] | None = None,
+                          train: dict[str, Any] | None = None,
+                          evaluate: dict[str, Any] | None = None,
+                          deploy: dict[str, Any] | None = None,
                           dataset: str | None = None) -> dict[str, Any]:
     """The whole pipeline on one data snapshot.
 
     Args:
-        params: The resolved params.yaml (see `uncool run -S`); by default the
-            params.yaml beside this file, as versioned with the code.
-        source: A local data folder; by default the one ``params["data"]`` names.
+        data, split, train, evaluate, deploy: The sections of params.yaml
+            (`uncool run -S` overrides them); left out, they come from the
+            params.yaml shipped with this code.
         dataset: The object id of a dataset in the store, e.g. from an
             ``uncool.dataset.updated`` event, or ``watch:<name>`` for the
-            snapshot the watcher of <name> announced last; wins over ``source``.
+            snapshot the watcher of <name> announced last; wins over ``data``.
     """
-    from uncool_prefect.params import load_params, params_hash
-
-    started = time.time()
-    if not params:
-        params = load_params(FLOWS_DIR / "params.yaml")
+    assert data and split and train and deploy, "params.yaml sections missing"
     # NOTE: deployment triggers pass "" for a payload field that is missing.
     snapshot = resolve_dataset(dataset) if dataset else None
     if snapshot:
-        source = str(dataset_folder(snapshot))
-    elif dataset:
-        get_run_logger().warning("no dataset announced yet for %s: using the data params.yaml names",
-                                 dataset)
-    if not source:
-        source = str(materialize_source(params["data"]))
-    labels = list(params["data"]["labels"])
-    states: dict[str, str] = {}
+        source = dataset_folder(snapshot)
+    else:
+        if dataset:
+            get_run_logger().warning("no dataset announced yet for %s: using the data "
+                                     "params.yaml names", dataset)
+        source = materialize_source(data)
+    labels = list(data["labels"])
+    # Bad data stops the run here, with one clear line, before any stage starts.
+    counts = Counter(e.label for e in load_examples(source, labels))
 
-    def run(stage_task: Any, *args: Any) -> Any:
-        state = stage_task(*args, return_state=True)
-        states[stage_task.name] = state.name
-        return state.result()  # a failed stage fails the flow here
-
-    data = run(get_data, Path(source), labels)
-    splits = run(split, data["dataset"], labels, float(params["split"]["test_size"]),
-                 int(params["split"]["seed"]))
+    got = get_data(source, dict(sorted(counts.items())))
+    splits = split_data(got["dataset"], labels, float(split["test_size"]), int(split["seed"]))
     # NOTE: each stage gets only what it depends on, so that its cache key
     # changes with those inputs and nothing else (a deploy setting must not
     # retrain the model).
-    trained = run(train, splits["train"], params["train"], {"data_hash": data["dataset"]},
-                  tracking.tracking_uri(get_settings().home))
-    evaluated = run(evaluate, trained["model"], splits["val"], labels, trained["mlflow_run_id"])
-    lineage = {"data_hash": data["dataset"], "params_hash": params_hash(params)}
-    decision = run(deploy, trained, evaluated, params["deploy"], lineage)
-
-    store = _store()
-    outputs = {
-        "get-data": {"dataset": data["dataset"]},
-        "split": {"train": splits["train"], "val": splits["val"]},
-        "train": {"model": trained["model"]},
-        "evaluate": {"metrics": evaluated["metrics_oid"]},
-        "deploy": {"model_version": decision["version"], "promoted": decision["promoted"]},
-    }
-    record = build_record(
-        flow_run_id=str(flow_run.id), flow_name=str(flow_run.flow_name), started=started,
-        params=params, params_hash=lineage["params_hash"],
-        code=snapshot_code(store, _code_roots()), environment=snapshot_environment(store),
-        stages={name: {"state": states[name], "outputs": outputs[name]} for name in outputs},
-        data=data["dataset"], trigger=run_trigger(), store_url=store.url,
-        mlflow={"run_id": trained["mlflow_run_id"], "model_name": params["deploy"]["model_name"],
-                "model_version": decision["version"], "tracking_uri":
-                tracking.tracking_uri(get_settings().home)},
-    )
-    get_run_logger().info("run record: %s", store.put_run_record(str(flow_run.id), record))
-    return {"data": data, "model": trained["model"], "metrics": evaluated["metrics"],
-            "decision": decision, "mlflow_run_id": trained["mlflow_run_id"]}
+    trained = train_model(splits["train"], train, {"data_hash": got["dataset"]},
+                          tracking.tracking_uri(get_settings().home))
+    evaluated = evaluate_model(trained["model"], splits["val"], labels, deploy["model_name"])
+    registration = deploy_model(trained, evaluated, deploy, got["dataset"])
+    return {"data": got, "model": trained["model"], "metrics": evaluated["values"],
+            "version": registration.version, "promoted": registration.promoted,
+            "mlflow_run_id": trained["mlflow_run_id"]}

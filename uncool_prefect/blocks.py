@@ -23,6 +23,7 @@ from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_aws import AwsCredentials
 from pydantic import Field, PrivateAttr
 
+from .settings import get_settings
 from .store import ObjectStore, StoreError, validate_relpath
 from .store.gc import find_object_ids
 
@@ -247,3 +248,36 @@ def _run_context() -> dict[str, Any]:
     if flow_ctx is not None and flow_ctx.flow_run is not None:
         info.setdefault("flow_run_id", str(flow_ctx.flow_run.id))
     return info
+
+
+def ensure_store_block(block_name: str) -> ObjectStore:
+    """Point the block ``block_name`` at the store the settings name; return that store.
+
+    The block lives on the (often shared) Prefect server while the store and
+    MLflow live with the project; a block left pointing at another project's
+    store would hand this project cached results whose MLflow runs it lacks.
+    A saved block is kept as it is (credentials included) when it already
+    points at the right store.
+    """
+    import sys
+
+    from prefect.exceptions import ObjectNotFound
+
+    wanted = get_settings().store_url
+    try:
+        block: ContentAddressedStorage | None = ContentAddressedStorage.load(block_name)  # type: ignore[assignment]
+    except (ValueError, ObjectNotFound):
+        block = None
+    if block is not None and block.basepath == wanted:
+        return block.store
+    fresh = ContentAddressedStorage(basepath=wanted)
+    fresh.save(block_name, overwrite=True)
+    if block is not None:
+        # NOTE: deployed runs load the block by name at run time: another
+        # project's worker would now read and write this project's store.
+        print(f"warning: block {block_name!r} pointed at {block.basepath}; it now points at "
+              f"{wanted}. Projects that share a Prefect server need a block each, or "
+              "their deployed runs use each other's store: unset UNCOOL_BLOCK (one block "
+              "per store by default) or give each project its own.",
+              file=sys.stderr)
+    return fresh.store

@@ -47,7 +47,7 @@ from .settings import get_settings
 from .store import ObjectStore
 
 # NOTE: part of every key, so that a change to how keys are made retires old keys.
-_KEY_VERSION = "uncool-content-aware/1"
+_KEY_VERSION = "uncool-content-aware/2"
 _CONSTANTS = (type(None), bool, int, float, complex, str, bytes)
 _MEMO: WeakKeyDictionary[Callable[..., Any], dict[tuple[str, ...], str]] = WeakKeyDictionary()
 _MEMO_LOCK = threading.Lock()
@@ -83,13 +83,28 @@ class ContentAware(CachePolicy):
         Raises:
             ValueError: a path argument names nothing on disk.
         """
+        from .api import note_object_uses, note_path_input, replayed_path
+
         code_key = code_hash(task_ctx.task.fn, self.project_roots) if task_ctx else None
         task_name = task_ctx.task.name if task_ctx else "?"
+        run_id = str(task_ctx.task_run.id) if task_ctx else None
+
+        def content_id(path: str, name: str) -> str:
+            # In a @pipeline run the path is stored as it is hashed, and noted
+            # as an input of the run: the data is read once for both.
+            noted = note_path_input(task_name, run_id, name, path)
+            if noted is not None:
+                return noted
+            hashing = self._store()
+            return f"{hashing.algorithm}:{hashing.hash_path(path)}"
+
         data = {
             name: value if name in self.exclude
-            else _by_content(value, name, name in self.paths, task_name, self._store)
+            else _by_content(replayed_path(task_name, name, value), name, name in self.paths,
+                             task_name, content_id)
             for name, value in (inputs or {}).items()
         }
+        note_object_uses(run_id, inputs or {})
         # NOTE: Prefect's own Inputs does the hashing, so unhashable arguments,
         # DataFrames and empty inputs behave exactly as they do under INPUTS.
         inputs_key = Inputs(exclude=self.exclude).compute_key(task_ctx, data, flow_parameters)
@@ -136,7 +151,7 @@ def _settings_store(url: str, algorithm: str, state_dir: str | None) -> ObjectSt
 
 
 def _by_content(value: Any, name: str, as_path: bool, task_name: str,
-                store: Callable[[], ObjectStore]) -> Any:
+                content_id: Callable[[str, str], str]) -> Any:
     """``value`` with every path in it replaced by the content id of what it names."""
     if isinstance(value, os.PathLike) or (as_path and isinstance(value, str)):
         path = os.fspath(value)
@@ -147,10 +162,9 @@ def _by_content(value: Any, name: str, as_path: bool, task_name: str,
                 f"for a path the task writes, pass it as a str (its name goes into the key) "
                 f"or leave it out: ContentAware(exclude=[{name!r}])."
             )
-        hashing = store()
-        return f"content:{hashing.algorithm}:{hashing.hash_path(path)}"
+        return f"content:{content_id(path, name)}"
     recurse = functools.partial(_by_content, name=name, as_path=as_path,
-                                task_name=task_name, store=store)
+                                task_name=task_name, content_id=content_id)
     if type(value) in (list, tuple):
         return type(value)(recurse(v) for v in value)
     if type(value) is dict:

@@ -1,17 +1,22 @@
 """Prefect artifacts: the evaluation report and the confusion matrix.
 
-Artifacts are created with fixed keys, so the Prefect UI keeps one versioned
-history per key across runs (like CML's comment on each commit).
+Artifacts are created with keys made from the model's name
+(``<model>-report``, ``<model>-metrics``, ``<model>-confusion``), so the
+Prefect UI keeps one versioned history per key across runs (like CML's
+comment on each commit).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
-REPORT_KEY = "issue-labeler-report"
-CONFUSION_KEY = "issue-labeler-confusion"
-METRICS_KEY = "issue-labeler-metrics"
+
+def artifact_key(model_name: str, kind: str) -> str:
+    """``<model>-<kind>`` as Prefect allows keys: lowercase letters, digits and dashes."""
+    slug = re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-") or "model"
+    return f"{slug}-{kind}"
 
 
 def _fmt(value: float | None) -> str:
@@ -30,17 +35,11 @@ def metrics_markdown(metrics: dict[str, float], deltas: dict[str, float] | None 
     return "\n".join(lines)
 
 
-def report_markdown(
-    *,
-    model_name: str,
-    decision: dict[str, Any],
-    metrics: dict[str, float],
-    dataset: str,
-    model_oid: str,
-    params_hash: str,
-    mlflow_run_id: str,
-) -> str:
+def report_markdown(*, model_name: str, decision: dict[str, Any], metrics: dict[str, float],
+                    inputs: dict[str, str]) -> str:
+    """The decision report: verdict, why, metrics against the champion, and what it was made from."""
     verdict = "promoted to **champion**" if decision["promoted"] else "kept as **challenger**"
+    rows = [f"| {name} | `{value}` |" for name, value in inputs.items() if value]
     return "\n".join([
         f"# {model_name} v{decision['version']}: {verdict}",
         "",
@@ -48,23 +47,19 @@ def report_markdown(
         "",
         metrics_markdown(metrics, decision.get("deltas")),
         "",
-        "| input | version |",
+        "| made from | version |",
         "|---|---|",
-        f"| data | `{dataset}` |",
-        f"| params | `{params_hash[:16]}` |",
-        f"| model object | `{model_oid}` |",
-        f"| MLflow run | `{mlflow_run_id}` |",
+        *rows,
     ])
 
 
-def publish_evaluation(
-    metrics: dict[str, float], confusion: Sequence[Sequence[int]], labels: Sequence[str]
-) -> None:
+def publish_evaluation(model_name: str, metrics: dict[str, float],
+                       confusion: Sequence[Sequence[int]], labels: Sequence[str]) -> None:
     """Metrics and the confusion matrix as versioned table artifacts."""
     from prefect.artifacts import create_table_artifact
 
     create_table_artifact(
-        key=METRICS_KEY,
+        key=artifact_key(model_name, "metrics"),
         table=[{"metric": name, "value": round(value, 4)} for name, value in sorted(metrics.items())],
         description="Validation metrics of the latest evaluation.",
     )
@@ -74,15 +69,15 @@ def publish_evaluation(
         row.update({f"predicted {other}": int(count) for other, count in zip(labels, counts, strict=True)})
         rows.append(row)
     create_table_artifact(
-        key=CONFUSION_KEY, table=rows,
+        key=artifact_key(model_name, "confusion"), table=rows,
         description="Confusion matrix on the validation split (rows: true label).",
     )
 
 
-def publish_report(markdown: str) -> None:
+def publish_report(model_name: str, markdown: str) -> None:
     from prefect.artifacts import create_markdown_artifact
 
     create_markdown_artifact(
-        key=REPORT_KEY, markdown=markdown,
-        description="Evaluation and deploy decision of the issue labeler.",
+        key=artifact_key(model_name, "report"), markdown=markdown,
+        description=f"The latest version of {model_name}: metrics and the champion decision.",
     )

@@ -4,9 +4,10 @@ Read from the environment (and a ``.env`` file in the working folder) each time
 :func:`get_settings` is called, so tests and subprocesses can change them.
 
 A relative ``UNCOOL_HOME`` (the default ``.uncool`` included) belongs to the
-project, as ``.git`` does: it is taken from the nearest folder at or above the
-working folder that holds ``flows/pipeline.py``, so a command run from a
-subfolder uses the project's store and registry, not a new one.
+project, as ``.git`` does: it is taken from the project folder (the nearest
+folder at or above the working folder whose pyproject.toml has a
+``[tool.uncool]`` table), so a command run from a subfolder uses the
+project's store and registry, not a new one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .project.config import find_root
+from .store import ObjectStore
 
 
 class UncoolSettings(BaseSettings):
@@ -56,15 +60,6 @@ class UncoolSettings(BaseSettings):
         return self.store or str((self.home / "store").absolute())
 
 
-PROJECT_MARKER = Path("flows") / "pipeline.py"
-
-
-def project_root(start: Path | None = None, marker: Path = PROJECT_MARKER) -> Path | None:
-    """The nearest folder at or above ``start`` (default: the working folder) holding ``marker``."""
-    here = (start or Path.cwd()).absolute()
-    return next((base for base in (here, *here.parents) if (base / marker).is_file()), None)
-
-
 def default_block_name(store_url: str) -> str:
     """One block per store: projects sharing a Prefect server keep apart by default.
 
@@ -79,7 +74,7 @@ def default_block_name(store_url: str) -> str:
 
 def get_settings(**overrides: Any) -> UncoolSettings:
     """The settings in force; ``overrides`` (e.g. ``store=``) win over the environment."""
-    root = project_root()
+    root = find_root()
     # The project's .env, wherever in the project the command runs.
     if root is not None:
         overrides["_env_file"] = root / ".env"
@@ -97,3 +92,14 @@ def get_settings(**overrides: Any) -> UncoolSettings:
     if not settings.block:
         settings = settings.model_copy(update={"block": default_block_name(settings.store_url)})
     return settings
+
+
+def open_store(basepath: str | None = None) -> ObjectStore:
+    """The store the settings name (or ``basepath``), with their algorithm and stat cache.
+
+    The one way the CLI and the records open "the store": deployed flows reach
+    the same store through the block (``ContentAddressedStorage.load(...).store``).
+    """
+    settings = get_settings()
+    return ObjectStore(basepath or settings.store_url, algorithm=settings.algorithm,
+                       state_dir=settings.state_dir)

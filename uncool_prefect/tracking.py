@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-EXPERIMENT = "issue-labeler"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 
@@ -35,28 +34,71 @@ def has_tracking_store(home: Path) -> bool:
     return bool(_USER_TRACKING_URI) or (home / "mlflow.db").exists()
 
 
-def configure(home: Path) -> str:
-    """Point MLflow at the project's store and make sure the experiment exists."""
+def default_experiment() -> str:
+    """The MLflow experiment of runs: the running flow's name, else the project folder's."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is not None and context.flow is not None:
+        return str(context.flow.name)
+    from .project.config import find_root
+
+    root = find_root()
+    return root.name if root is not None else "uncool"
+
+
+def configure(home: Path, experiment: str | None = None) -> str:
+    """Point MLflow at the project's store and make sure the experiment exists.
+
+    Args:
+        home: UNCOOL_HOME (the SQLite store and artifacts live there by default).
+        experiment: The MLflow experiment; default :func:`default_experiment`.
+    """
     import mlflow
 
     uri = tracking_uri(home)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+    experiment = experiment or default_experiment()
+    if mlflow.get_experiment_by_name(experiment) is None:
         artifacts = (home / "mlartifacts").absolute()
         artifacts.mkdir(parents=True, exist_ok=True)
         try:
-            mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri())
+            mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
         except Exception:
-            if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+            if mlflow.get_experiment_by_name(experiment) is None:
                 raise
-    mlflow.set_experiment(EXPERIMENT)
+    mlflow.set_experiment(experiment)
     return uri
+
+
+def configure_default() -> str:
+    """:func:`configure` for the settings in force (UNCOOL_HOME, MLFLOW_TRACKING_URI)."""
+    from .settings import get_settings
+
+    return configure(get_settings().home)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """When a newly registered version becomes champion.
+
+    Args:
+        metric: The metric that decides (a key of the ``metrics`` given to
+            :func:`register_model`).
+        min_improvement: How much a challenger must beat the champion by
+            (strictly more than this). The first version always wins.
+        greater_is_better: False for losses and errors (lower wins).
+    """
+
+    metric: str
+    min_improvement: float = 0.0
+    greater_is_better: bool = True
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What deploy did and why."""
+    """What the gate decided for one registered version, and why."""
 
     version: str
     promoted: bool
@@ -66,6 +108,38 @@ class Decision:
     champion_version: str | None = None
     champion_value: float | None = None
     deltas: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What :func:`register_model` did: the model version and the gate's decision.
+
+    Return it from your stage (alone or inside a dict): a run whose stage is
+    ``Cached`` then still records which version it stands for.
+    """
+
+    name: str
+    decision: Decision
+    run_id: str
+    model_uri: str
+    metrics: dict[str, float]
+    model_oid: str | None = None
+    stage: str | None = None
+
+    @property
+    def version(self) -> str:
+        return self.decision.version
+
+    @property
+    def promoted(self) -> bool:
+        return self.decision.promoted
+
+    def as_record(self) -> dict[str, Any]:
+        """The registration as a run record keeps it."""
+        return {"name": self.name, "version": self.decision.version, "run_id": self.run_id,
+                "model_uri": self.model_uri, "metrics": self.metrics, "model_oid": self.model_oid,
+                "stage": self.stage,
+                **{k: v for k, v in self.decision.__dict__.items() if k != "version"}}
 
 
 def current_champion(model_name: str) -> Any | None:
@@ -80,61 +154,141 @@ def current_champion(model_name: str) -> Any | None:
         return None
 
 
-def register_and_gate(
-    *,
-    model_name: str,
-    run_id: str,
-    model_uri: str,
-    metrics: dict[str, float],
-    gate_metric: str,
-    min_improvement: float,
-    tags: dict[str, str],
-) -> Decision:
-    """Register the run's model as a new version; make it champion only if it wins.
-
-    The first version wins by default. Later ones must beat the champion's
-    ``gate_metric`` by more than ``min_improvement``; otherwise they get the
-    ``challenger`` alias, and the reason is recorded as a tag.
-    """
-    import mlflow
+def _gate(model_name: str, version: str, metrics: dict[str, float], gate: Gate) -> Decision:
+    """Compare a new version with the champion; move the aliases; say why."""
     from mlflow import MlflowClient
 
-    if gate_metric not in metrics:
-        raise ValueError(
-            f"deploy.gate_metric {gate_metric!r} is not a computed metric; "
-            f"choose one of {', '.join(sorted(metrics))}"
-        )
     client = MlflowClient()
     champion = current_champion(model_name)
-    version = mlflow.register_model(model_uri, model_name, tags={**tags, "mlflow_run_id": run_id}).version
-    value = float(metrics[gate_metric])
+    if champion is not None and str(champion.version) == str(version):
+        champion = None  # registering the same version again cannot beat itself
+    value = float(metrics[gate.metric])
     champion_value: float | None = None
     deltas: dict[str, float] = {}
     if champion is None:
         promoted, reason = True, "first version of the model: it becomes champion"
     else:
         champion_metrics = client.get_run(champion.run_id).data.metrics
-        deltas = {
-            name: float(metrics[name]) - float(champion_metrics[name])
-            for name in metrics
-            if name in champion_metrics
-        }
-        champion_value = float(champion_metrics.get(gate_metric, float("-inf")))
-        gain = value - champion_value
-        promoted = gain > min_improvement
+        deltas = {name: float(metrics[name]) - float(champion_metrics[name])
+                  for name in metrics if name in champion_metrics}
+        worst = float("-inf") if gate.greater_is_better else float("inf")
+        champion_value = float(champion_metrics.get(gate.metric, worst))
+        gain = value - champion_value if gate.greater_is_better else champion_value - value
+        promoted = gain > gate.min_improvement
         comparison = (
-            f"{gate_metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} "
-            f"(change {gain:+.4f}, needed > {min_improvement:+.4f})"
+            f"{gate.metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} "
+            f"(improvement {gain:+.4f}, needed > {gate.min_improvement:+.4f})"
         )
         reason = ("beats the champion: " if promoted else "does not beat the champion: ") + comparison
-    alias = CHAMPION if promoted else CHALLENGER
-    client.set_registered_model_alias(model_name, alias, version)
+    client.set_registered_model_alias(model_name, CHAMPION if promoted else CHALLENGER, version)
     client.set_model_version_tag(model_name, version, "decision", reason)
     return Decision(
-        version=str(version), promoted=promoted, reason=reason, metric=gate_metric,
+        version=str(version), promoted=promoted, reason=reason, metric=gate.metric,
         value=value, champion_version=None if champion is None else str(champion.version),
         champion_value=champion_value, deltas=deltas,
     )
+
+
+def register_model(model: Any, name: str, metrics: dict[str, float], *,
+                   gate: Gate | None = None, tags: dict[str, str] | None = None,
+                   flavor: Any = None) -> Registration:
+    """Register a model in MLflow as a new version of ``name``; champion only if it wins the gate.
+
+    Args:
+        model: A fitted model (scikit-learn by default; any MLflow flavour
+            with ``flavor=``), or the URI of one already logged
+            (``runs:/<run id>/model``).
+        name: The registered model's name.
+        metrics: The new version's metrics; they are logged to its MLflow run.
+        gate: What decides the champion; default: the first metric, higher
+            is better, any improvement.
+        tags: Tags for the version. The pipeline run's lineage (flow run id,
+            data version, params hash, code snapshot) is added inside a
+            ``@pipeline``.
+        flavor: An MLflow flavour module (``mlflow.pytorch``...) for a model
+            object that is not scikit-learn.
+
+    Returns:
+        The :class:`Registration`: version, decision, MLflow run. Inside a
+        ``@pipeline`` it is also noted in the run record.
+    """
+    import mlflow
+
+    from .api import active_recorder
+
+    if not metrics:
+        raise ValueError("register_model needs the model's metrics, e.g. {'accuracy': 0.91}")
+    gate = gate or Gate(metric=next(iter(metrics)))
+    if gate.metric not in metrics:
+        raise ValueError(f"the gate's metric {gate.metric!r} is not among the metrics given; "
+                         f"choose one of {', '.join(sorted(metrics))}")
+    configure_default()
+    recorder = active_recorder()
+    all_tags = {**_lineage_tags(), **(recorder.lineage_tags() if recorder else {}), **(tags or {})}
+    if recorder is not None and not isinstance(model, str) and "model_oid" not in all_tags:
+        import pickle
+
+        # The model by content in the store too: `uncool predict` loads it verified.
+        all_tags["model_oid"] = recorder.store.put_bytes(pickle.dumps(model, protocol=5)).oid
+    if isinstance(model, str):
+        model_uri = model
+        run_id = model.split("/")[1] if model.startswith("runs:/") else ""
+        if run_id:
+            from mlflow import MlflowClient
+
+            client = MlflowClient()
+            for metric, value in metrics.items():
+                client.log_metric(run_id, metric, float(value))
+    else:
+        with mlflow.start_run(run_name=f"register-{name}", nested=mlflow.active_run() is not None) as run:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+            mlflow.set_tags(all_tags)
+            logged = (flavor or _sklearn()).log_model(model, name="model")
+            model_uri, run_id = logged.model_uri, run.info.run_id
+    version = mlflow.register_model(model_uri, name,
+                                    tags={**all_tags, "mlflow_run_id": run_id}).version
+    decision = _gate(name, str(version), {k: float(v) for k, v in metrics.items()}, gate)
+    registration = Registration(name=name, decision=decision, run_id=run_id, model_uri=model_uri,
+                                metrics={k: float(v) for k, v in metrics.items()},
+                                model_oid=all_tags.get("model_oid"), stage=_stage_name())
+    if recorder is not None:
+        recorder.note_model(registration.as_record())
+        _publish_report(registration, recorder.input_versions(), all_tags)
+    return registration
+
+
+def _publish_report(registration: Registration, inputs: dict[str, str], tags: dict[str, str]) -> None:
+    """The decision as a Prefect artifact of the running flow (the UI's report of each run)."""
+    from . import reports
+
+    made_from = {**inputs, "model": registration.model_uri, "MLflow run": registration.run_id,
+                 **{k: v for k, v in tags.items() if k != "prefect_flow_run_id"}}
+    reports.publish_report(registration.name, reports.report_markdown(
+        model_name=registration.name, decision=registration.decision.__dict__,
+        metrics=registration.metrics, inputs=made_from))
+
+
+def _stage_name() -> str | None:
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    return context.task.name if context is not None else None
+
+
+def _sklearn() -> Any:
+    import mlflow.sklearn
+
+    return mlflow.sklearn
+
+
+def _lineage_tags() -> dict[str, str]:
+    """The running flow's id: `uncool lineage models:/NAME/N` goes from it to the run record."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return {}
+    return {"prefect_flow_run_id": str(context.flow_run.id)}
 
 
 def load_champion(model_name: str, store: Any | None = None) -> tuple[Any, str]:
@@ -171,13 +325,17 @@ def mlflow_uri() -> str:
     return str(mlflow.get_tracking_uri())
 
 
-def predict_label(model: Any, text: str) -> dict[str, Any]:
-    """``{"label": ..., "score": ...}`` for one issue title."""
+def predict_one(model: Any, value: Any) -> Any:
+    """One prediction: ``{"label": ..., "score": ...}`` for a classifier, else the prediction."""
     import numpy as np
 
-    if hasattr(model, "predict_proba"):
-        scores = model.predict_proba([text])[0]
-    else:
-        scores = model.decision_function([text])[0]
-    best = int(np.argmax(scores))
-    return {"label": str(model.classes_[best]), "score": round(float(scores[best]), 4)}
+    if hasattr(model, "classes_") and (hasattr(model, "predict_proba")
+                                       or hasattr(model, "decision_function")):
+        scores = (model.predict_proba([value]) if hasattr(model, "predict_proba")
+                  else model.decision_function([value]))[0]
+        scores = np.atleast_1d(scores)
+        if scores.shape[0] == len(model.classes_):
+            best = int(np.argmax(scores))
+            return {"label": str(model.classes_[best]), "score": round(float(scores[best]), 4)}
+    prediction = model.predict([value])[0]
+    return prediction.item() if hasattr(prediction, "item") else prediction

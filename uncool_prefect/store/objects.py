@@ -637,7 +637,8 @@ class ObjectStore:
         if "/" in run_id:
             raise InvalidKeyError(f"run id {run_id!r} must not contain '/'")
         rel = f"{RUNS_DIR}/{run_id}.json"
-        data = json.dumps(document, sort_keys=True, indent=1).encode("utf-8")
+        # NOTE: key order is kept: a record's stages are in call order.
+        data = json.dumps(document, indent=1).encode("utf-8")
         self.backend.write_bytes(rel, data, overwrite=True)
         return self.backend.url_for(rel)
 

@@ -6,22 +6,19 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from rich.console import Console
 
+from ..settings import get_settings
 from . import server
-from .runner import find_project
-from .settings import get_settings
 
 DEMO_BLOCK = "uncool-demo"
-DEMO_FLOW = Path("flows") / "store_demo.py"
+DEMO_MODULE = "uncool_prefect.project.store_demo"
 
 
 def run_demo(runs: int = 2, console: Console | None = None) -> int:
     console = console or Console()
     settings = get_settings()
-    flow_file = find_project(DEMO_FLOW) / DEMO_FLOW
     info = server.ensure(settings.home)
     started = " (started in the background; `uncool server stop` stops it)" if info.pid else ""
     console.print(f"Prefect server: {info.ui_url}{started}")
@@ -33,9 +30,9 @@ def run_demo(runs: int = 2, console: Console | None = None) -> int:
         env=env, check=True,
     )
     for number in range(1, runs + 1):
-        console.print(f"\n[bold]run {number}[/bold] (a new process): python {flow_file}")
+        console.print(f"\n[bold]run {number}[/bold] (a new process): python -m {DEMO_MODULE}")
         done = subprocess.run(
-            [sys.executable, str(flow_file)], env=env, capture_output=True, text=True,
+            [sys.executable, "-m", DEMO_MODULE], env=env, capture_output=True, text=True,
         )
         states = None
         for line in done.stdout.splitlines():

@@ -13,14 +13,19 @@ import sys
 import threading
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated
 
 from cyclopts import Parameter
 
-from .deploy import POOL, WORKER_QUERY_SECONDS
+from ..project.deploy import POOL, WORKER_QUERY_SECONDS
 
-Name = Annotated[str, Parameter(help="Dataset name: events are about uncool.dataset.NAME "
-                                     "(the on-new-data trigger matches 'issues').")]
+Name = Annotated[str | None, Parameter(help="Dataset name: events are about uncool.dataset.NAME, "
+                                            "which the deployments' triggers match. Default: the "
+                                            "last part of the URL (data/issues -> issues).")]
+
+
+def _dataset_name(name: str | None, url: str) -> str:
+    return name or url.rstrip("/").rsplit("/", 1)[-1]
 
 
 def deploy(
@@ -28,26 +33,27 @@ def deploy(
     watch: Annotated[str | None, Parameter(
         help="Also start the watcher deployment on this dataset: a folder on the "
              "worker's machine or s3://bucket/prefix.")] = None,
-    name: Name = "issues",
+    name: Name = None,
 ) -> int:
-    """Deploy the pipeline: work pool, blocks, code, and every deployment in deployments/prefect.yaml.
+    """Deploy the project: work pool, blocks, code, and every deployment in its prefect.yaml.
 
     Checks that the Prefect server answers (PREFECT_API_URL, else the project's
     own server, started if needed), creates the process work pool
     `uncool-local`, registers the block types and points the store block at
-    this project's store, stores flows/ as the code every run pulls, and
-    applies deployments/prefect.yaml with `prefect deploy --all`: the daily
-    schedule, the on-new-data trigger and the watcher. Then run `uncool worker`.
+    this project's store, stores the pipeline's folder and pyproject.toml as
+    the code every run pulls, and applies the project's prefect.yaml
+    ([tool.uncool] deployments, default deployments/prefect.yaml) with
+    `prefect deploy --all`. Then run `uncool worker`.
     """
     from rich.table import Table
 
-    from . import deploy as deploying
-    from . import runner
-    from .cli import out
-    from .events import WatchError
-    from .store import ObjectStore
+    from ..events import WatchError
+    from ..project import deploy as deploying
+    from ..project.config import load_config
+    from ..store import ObjectStore
+    from .common import out
 
-    project = runner.find_project()
+    config = load_config()
     if watch and "://" not in watch and not Path(watch).is_dir():
         raise WatchError(f"cannot watch {watch}: no such folder; create it, e.g. "
                          f"`uncool sample-data {watch} --day 1`, or copy your data there")
@@ -57,19 +63,21 @@ def deploy(
         out.print(f"work pool       {POOL} ({deploying.ensure_work_pool(POOL)})")
         store_url = deploying.register_blocks()
         out.print(f"store block     content-addressed-storage/{_block()} -> {store_url}")
-        code = deploying.publish_code(ObjectStore(store_url), project)
-        out.print(f"code            {code.name} ({code.nfiles} files of flows/, refs/{deploying.CODE_REF})")
-        deploying.apply_deployments(project, info)
+        code = deploying.publish_code(ObjectStore(store_url), config)
+        out.print(f"code            {code.name} ({code.nfiles} files, refs/{deploying.CODE_REF})")
+        deploying.apply_deployments(config, info)
         table = Table(title="deployments", show_header=True)
         for column in ("deployment", "work pool", "schedule", "triggered by"):
             table.add_column(column)
-        for deployment in deploying.read_deployments():
+        deployments = deploying.read_deployments(config)
+        for deployment in deployments:
             table.add_row(deployment.name, deployment.work_pool or "-",
                           ", ".join(deployment.schedules) or "-", ", ".join(deployment.triggers) or "-")
         out.print(table)
         if watch:
             url = watch if "://" in watch else str(Path(watch).absolute())
-            run_id, created = deploying.start_watcher(url, name)
+            run_id, created = deploying.start_watcher(url, _dataset_name(name, watch),
+                                                      deploying.watcher_deployment(deployments))
             out.print(f"watcher         {'started' if created else 'already running'} on {url}: "
                       f"flow run {run_id}")
     out.print("next            uncool worker   (runs them; leave it running)")
@@ -89,13 +97,14 @@ def worker(
     UNCOOL_HOME set to this project's state folder so that every flow run
     records into the same MLflow database and data cache.
     """
-    from . import deploy as deploying
-    from . import runner, server
-    from .cli import err
+    from ..project import deploy as deploying
+    from ..project import server
+    from ..project.config import load_config
+    from .common import err
 
-    project = runner.find_project()
+    config = load_config()
     api_url = server_api_url()
-    env = deploying.worker_environment(project, api_url, query_seconds)
+    env = deploying.worker_environment(config.root, api_url, query_seconds)
     command = [server.prefect_executable(), "worker", "start",
                "--pool", pool, "--type", "process"]
     err.print(f"worker on {pool} (polls every {query_seconds:g} s), UNCOOL_HOME={env['UNCOOL_HOME']}")
@@ -108,7 +117,7 @@ def watch(
     url: Annotated[str, Parameter(help="A local folder or s3://bucket/prefix.")],
     /,
     *,
-    name: Name = "issues",
+    name: Name = None,
     debounce: Annotated[float, Parameter(
         help="Seconds the data must stay unchanged before it is read.")] = 0.5,
     poll_interval: Annotated[float, Parameter(help="Seconds between listings of an s3:// prefix.")] = 2.0,
@@ -123,14 +132,13 @@ def watch(
     the snapshot's id: the on-new-data deployment trains on it. Content that
     was announced before (also by an earlier watcher) is not announced again.
     """
-    from .blocks import ContentAddressedStorage
-    from .cli import err, out
-    from .events import DatasetWatcher
-    from .runner import ensure_block
+    from ..blocks import ensure_store_block
+    from ..events import DatasetWatcher
+    from .common import err, out
 
+    name = _dataset_name(name, url)
     with prefect_at(server_api_url()):
-        ensure_block(_block())
-        store = cast(ContentAddressedStorage, ContentAddressedStorage.load(_block())).store
+        store = ensure_store_block(_block())
         where = url if "://" in url else str(Path(url).absolute())
         watcher = DatasetWatcher(where, name, store, debounce=debounce, poll_interval=poll_interval)
 
@@ -150,7 +158,7 @@ def watch(
 
 def server_api_url() -> str:
     """The API URL of the server to use: PREFECT_API_URL if it answers, else the project's."""
-    from . import runner, server
+    from ..project import runner, server
 
     configured = os.environ.get("PREFECT_API_URL")
     if configured:
@@ -175,6 +183,6 @@ def prefect_at(api_url: str) -> AbstractContextManager[object]:
 
 
 def _block() -> str:
-    from .settings import get_settings
+    from ..settings import get_settings
 
     return get_settings().block

@@ -22,67 +22,93 @@ from typing import Any
 
 from rich.tree import Tree
 
-from .lineage import iter_records, resolve_target
-from .params import flatten
-from .store import InvalidKeyError, ObjectStore, StoreError, parse_oid
-
-# Pipeline order of the stage outputs ("stage.output"), and what each one is made from.
-SLOTS = ("get-data.dataset", "split.train", "split.val", "train.model",
-         "evaluate.metrics", "deploy.model_version")
-MADE_FROM: dict[str, tuple[str, ...]] = {
-    "get-data.dataset": (),
-    "split.train": ("get-data.dataset",),
-    "split.val": ("get-data.dataset",),
-    "train.model": ("split.train",),
-    "evaluate.metrics": ("train.model", "split.val"),
-    "deploy.model_version": ("train.model", "evaluate.metrics"),
-}
-# Which stages take each output as an input.
-CONSUMED_BY: dict[str, tuple[str, ...]] = {
-    "get-data.dataset": ("split",),
-    "split.train": ("train",),
-    "split.val": ("evaluate",),
-    "train.model": ("evaluate", "deploy"),
-    "evaluate.metrics": ("deploy",),
-    "deploy.model_version": (),
-}
+from ..project.params import flatten
+from ..store import InvalidKeyError, ObjectStore, StoreError, parse_oid
+from .run_record import data_version, input_versions
+from .targets import iter_records, resolve_target
 
 
 class CheckoutError(StoreError):
     """A checkout that cannot be written (destination in use, run incomplete)."""
 
 
-def _digest(name: str) -> str | None:
+def _digest(name: Any) -> str | None:
     try:
         return parse_oid(name)[0]
-    except (InvalidKeyError, TypeError):
+    except (InvalidKeyError, TypeError, AttributeError):
         return None
 
 
-def _output(record: dict[str, Any], slot: str) -> Any:
-    stage, _, key = slot.partition(".")
-    return record.get("stages", {}).get(stage, {}).get("outputs", {}).get(key)
+def slots(record: dict[str, Any]) -> dict[str, str]:
+    """Every object of a run by its slot, in pipeline order: ``"<stage>.<argument>"`` for an
+    input, ``"<stage>.<output>"`` for what a stage produced."""
+    found: dict[str, str] = {}
+    for key, version in input_versions(record).items():
+        found[key] = version
+    for name, stage in record.get("stages", {}).items():
+        for key, oid in stage.get("outputs", {}).items():
+            if isinstance(oid, str):
+                found[f"{name}.{key}"] = oid
+    return found
 
 
-def _find_slot(record: dict[str, Any], digest: str) -> str | None:
-    """The ``stage.output`` of ``record`` that holds the object ``digest``."""
-    for slot in SLOTS:
-        value = _output(record, slot)
-        if isinstance(value, str) and _digest(value) == digest:
-            return slot
-    return None
+def _stage_of(slot: str, record: dict[str, Any]) -> str:
+    """The stage a slot belongs to (stage names may hold dots; slots are matched against them)."""
+    stages = sorted(record.get("stages", {}), key=len, reverse=True)
+    return next((name for name in stages if slot.startswith(name + ".")), slot.split(".")[0])
 
 
-def _ancestors(slot: str) -> list[str]:
+def made_from(record: dict[str, Any]) -> dict[str, list[str]]:
+    """Slot -> the slots it was made from: its stage's inputs and the objects its arguments named."""
+    every = slots(record)
+    by_digest: dict[str, str] = {}
+    for slot, oid in every.items():
+        by_digest.setdefault(_digest(oid) or oid, slot)  # the first producer of an object
+    edges: dict[str, list[str]] = {}
+    for slot in every:
+        stage_name = _stage_of(slot, record)
+        stage = record.get("stages", {}).get(stage_name, {})
+        own_inputs = [f"{stage_name}.{arg}" for arg in stage.get("inputs", {})]
+        if slot in own_inputs:
+            edges[slot] = []
+            continue
+        used = [by_digest[d] for d in (_digest(u) for u in stage.get("uses", [])) if d in by_digest]
+        edges[slot] = [s for s in dict.fromkeys([*own_inputs, *used]) if s != slot]
+    return edges
+
+
+def _ancestors(slot: str, record: dict[str, Any]) -> list[str]:
     """``slot`` and everything it is made from, in pipeline order."""
+    edges = made_from(record)
     seen = {slot}
     todo = [slot]
     while todo:
-        for parent in MADE_FROM.get(todo.pop(), ()):
+        for parent in edges.get(todo.pop(), []):
             if parent not in seen:
                 seen.add(parent)
                 todo.append(parent)
-    return [s for s in SLOTS if s in seen]
+    return [s for s in slots(record) if s in seen]
+
+
+def _stage_ancestors(stage_name: str, record: dict[str, Any]) -> list[str]:
+    """The slots a stage read (its inputs, the objects its arguments named) and their ancestors."""
+    every = slots(record)
+    stage = record.get("stages", {}).get(stage_name, {})
+    used = {_digest(u) for u in stage.get("uses", [])}
+    direct = [s for s, oid in every.items() if _digest(oid) in used or
+              s in {f"{stage_name}.{arg}" for arg in stage.get("inputs", {})}]
+    found = {a for s in direct for a in _ancestors(s, record)}
+    return [s for s in every if s in found]
+
+
+def _find_slot(record: dict[str, Any], digest: str) -> str | None:
+    """The slot of ``record`` that holds the object ``digest``."""
+    return next((slot for slot, oid in slots(record).items() if _digest(oid) == digest), None)
+
+
+def _registering_stage(record: dict[str, Any]) -> str | None:
+    models = record.get("models") or []
+    return models[-1].get("stage") if models else None
 
 
 def _when(timestamp: Any) -> str | None:
@@ -101,23 +127,24 @@ def _run_summary(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _model_versions(record: dict[str, Any], model_oid: str, home: Path) -> dict[str, Any]:
-    """MLflow model versions tagged with ``model_oid`` (an ``error`` if MLflow is unreachable)."""
-    from . import tracking
+def _model_versions(record: dict[str, Any], home: Path) -> dict[str, Any]:
+    """The MLflow model versions the run registered, with their aliases now (``error`` if unreachable)."""
+    from .. import tracking
 
     uri = tracking.tracking_uri(home)
+    registered = [(m.get("name"), str(m.get("version"))) for m in record.get("models", [])]
+    if not registered and record.get("mlflow", {}).get("model_version") is not None:
+        mlflow = record["mlflow"]
+        registered = [(mlflow.get("model_name"), str(mlflow["model_version"]))]
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         return {"tracking_uri": uri, "versions": [], "error": "no MLflow database yet"}
-    name = str(record.get("mlflow", {}).get("model_name") or "issue-labeler")
     try:
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        found = [v for v in client.search_model_versions(f"name='{name}'")
-                 if v.tags.get("model_oid") == model_oid]
         versions = []
-        for version in sorted(found, key=lambda v: int(v.version)):
-            full = client.get_model_version(name, version.version)  # search omits aliases
+        for name, number in registered:
+            full = client.get_model_version(name, number)
             versions.append({"name": name, "version": str(full.version),
                              "aliases": sorted(full.aliases),
                              "flow_run_id": full.tags.get("prefect_flow_run_id")})
@@ -127,31 +154,38 @@ def _model_versions(record: dict[str, Any], model_oid: str, home: Path) -> dict[
 
 
 def _focus(target: str, record: dict[str, Any]) -> tuple[str, str | None]:
-    """(kind of target, the output slot it names)."""
+    """(kind of target, the slot it names; None: the whole run)."""
     if target == "champion" or target.startswith("models:/"):
-        return "model-version", "train.model"
+        return "model-version", None
     digest = _digest(target)
     if digest is not None:
         return "object", _find_slot(record, digest)
-    return "run", "deploy.model_version"
+    return "run", None
 
 
 def lineage_tree(store: ObjectStore, target: str, home: Path) -> dict[str, Any]:
     """Upstream and downstream lineage of ``target`` as a JSON-serializable dict.
 
-    ``target`` is anything :func:`~uncool_prefect.lineage.resolve_target` accepts;
-    an unknown one raises :class:`~uncool_prefect.lineage.TargetError`.
+    ``target`` is anything :func:`~uncool_prefect.records.targets.resolve_target`
+    accepts; an unknown one raises :class:`~uncool_prefect.records.targets.TargetError`.
     """
     record = resolve_target(store, target, home)
     kind, slot = _focus(target, record)
     code = record.get("code", {})
-    chain = [{"slot": s, "stage": s.split(".")[0], "id": _output(record, s),
-              "state": record.get("stages", {}).get(s.split(".")[0], {}).get("state")}
-             for s in (_ancestors(slot) if slot else [])]
+    every = slots(record)
+    registering = _registering_stage(record)
+    made = _stage_ancestors(registering, record) if registering else list(every)
+    chain_slots = made if kind == "model-version" else (_ancestors(slot, record) if slot
+                                                          else list(every))
+    stages = record.get("stages", {})
+    chain = [{"slot": s, "stage": _stage_of(s, record), "id": every[s],
+              "state": stages.get(_stage_of(s, record), {}).get("state")} for s in chain_slots]
     upstream = {
         "run": _run_summary(record),
         "config": {"params_hash": record.get("params_hash"), "params": record.get("params", {})},
-        "data": record.get("inputs", {}).get("data"),
+        "data": data_version(record),
+        "inputs": input_versions(record),
+        "stages": {name: entry.get("state") for name, entry in stages.items()},
         "code": {"snapshot": code.get("snapshot"), "git_commit": code.get("git_commit"),
                  "git_dirty": code.get("git_dirty"), "git_diff": code.get("git_diff")},
         "environment": record.get("environment"),
@@ -159,19 +193,18 @@ def lineage_tree(store: ObjectStore, target: str, home: Path) -> dict[str, Any]:
     }
     records = iter_records(store)
     consumers: list[dict[str, Any]] = []
-    if kind == "object" and slot:
-        digest = _digest(target)
+    digest = _digest(target) if kind == "object" else None
+    if digest is not None:
         for other in records:
-            other_slot = _find_slot(other, digest) if digest else None
-            for stage in CONSUMED_BY.get(other_slot or "", ()):
-                info = other.get("stages", {}).get(stage)
-                if info is not None:
-                    consumers.append({"flow_run_id": other.get("flow_run_id"), "stage": stage,
-                                      "input": other_slot, "state": info.get("state"),
+            for name, info in other.get("stages", {}).items():
+                uses = {_digest(u) for u in info.get("uses", [])}
+                uses |= {_digest(f.get("version")) for f in info.get("inputs", {}).values()}
+                if digest in uses:
+                    consumers.append({"flow_run_id": other.get("flow_run_id"), "stage": name,
+                                      "input": _find_slot(other, digest), "state": info.get("state"),
                                       "outputs": info.get("outputs", {}),
                                       "started_at": _when(other.get("started"))})
-    mine = record.get("stages", {})
-    watched = {slot.split(".")[0]} if kind == "object" and slot else set(mine)
+    watched = {_stage_of(slot, record)} if slot else set(stages)
     reused_by = []
     for other in records:
         if other.get("flow_run_id") == record.get("flow_run_id") or \
@@ -179,14 +212,13 @@ def lineage_tree(store: ObjectStore, target: str, home: Path) -> dict[str, Any]:
             continue
         cached = [name for name, info in other.get("stages", {}).items()
                   if name in watched and info.get("state") == "Cached"
-                  and info.get("outputs") == mine.get(name, {}).get("outputs")]
+                  and info.get("outputs") == stages.get(name, {}).get("outputs")]
         if cached:
             reused_by.append({"flow_run_id": other.get("flow_run_id"), "stages": cached,
                               "started_at": _when(other.get("started"))})
-    model = _output(record, "train.model")
     downstream: dict[str, Any] = {"consumers": consumers, "reused_by": reused_by}
-    if slot in ("train.model", "deploy.model_version") and isinstance(model, str):
-        downstream["model_versions"] = _model_versions(record, model, home)
+    if record.get("models") and (slot is None or slot in made):
+        downstream["model_versions"] = _model_versions(record, home)
     return {"target": target, "kind": kind, "slot": slot,
             "flow_run_id": record.get("flow_run_id"), "store": store.url,
             "upstream": upstream, "downstream": downstream}
@@ -198,8 +230,8 @@ def render_tree(tree: dict[str, Any]) -> Tree:
     run = up["run"]
     trigger = run.get("trigger") or {}
     what = f" ({tree['slot']})" if tree["kind"] == "object" and tree["slot"] else ""
-    if tree["kind"] != "object":
-        mlflow = run.get("mlflow") or {}
+    mlflow = run.get("mlflow") or {}
+    if tree["kind"] != "object" and mlflow.get("model_name"):
         what = f" -> {mlflow.get('model_name')} v{mlflow.get('model_version')}"
     root = Tree(f"[bold]{tree['target']}[/]{what}")
     upstream = root.add("[bold cyan]upstream[/]")
@@ -210,6 +242,11 @@ def render_tree(tree: dict[str, Any]) -> Tree:
     for key, value in flatten(up["config"]["params"]):
         config.add(f"{key} = {json.dumps(value)}")
     upstream.add(f"data {up['data']}")
+    for key, version in up["inputs"].items():
+        upstream.add(f"input {key} {version}")
+    stages_node = upstream.add("[bold]stages[/]")
+    for name, state in up["stages"].items():
+        stages_node.add(f"{name} [dim]({state})[/]")
     code = up["code"]
     dirty = " [yellow](dirty)[/]" if code["git_dirty"] else ""
     upstream.add(f"code {code['snapshot']}, git {(code['git_commit'] or 'none')[:12]}{dirty}")
@@ -240,17 +277,15 @@ def render_tree(tree: dict[str, Any]) -> Tree:
 RUN_MD = """# Run {run_id}
 
 A checkout of flow run `{run_id}` ({flow}), started {started}, trigger {trigger}.
-Model: {model_name} v{model_version}{promoted}; model object `{model}`.
+{model_line}
 
 | file | what it is |
 |---|---|
-| `params.yaml` | the resolved parameters of the run (params hash `{params_hash}`) |
-| `data/` | the input dataset, version `{data}` |
-| `model.pkl` | the trained scikit-learn pipeline (`pickle.load`), object `{model}` |
-| `metrics.json` | its metrics on the validation split |
-| `code/` | the code that ran, snapshot `{snapshot}`: `flows/` (the pipeline), `uncool_prefect/` |
+| `params.yaml` | the flow's parameters in this run (params hash `{params_hash}`) |
+| `data/` | the run's input data, version `{data}` |
+{input_rows}{model_rows}| `code/` | the code that ran (snapshot `{snapshot}`): pipeline folder, pyproject.toml, plugin |
 | `environment.json` | Python version, platform and installed packages |
-| `run.json` | the full run record (every object id, stage states, MLflow run `{mlflow_run}`) |
+| `run.json` | the full run record (every object id, stage states, MLflow ids) |
 {git_row}
 Git commit: `{git_commit}`{dirty}.
 
@@ -258,38 +293,61 @@ Git commit: `{git_commit}`{dirty}.
 
     uncool reproduce {run_id}
 
-or by hand, from this folder:
-
-    cd code && uncool run --params ../params.yaml -S data.source=folder -S data.folder.url=../data
-
-Unchanged stages come back Cached; the model trained again should hash to `{model}`.
+or by hand: `cd code && uncool run --params ../params.yaml`, with the data of
+`data/` where the params point. Unchanged stages come back Cached.
 """
 
 
+def _registered(record: dict[str, Any]) -> dict[str, Any]:
+    models = record.get("models") or []
+    return models[-1] if models else {}
+
+
 def _run_md(record: dict[str, Any]) -> str:
-    code, mlflow = record.get("code", {}), record.get("mlflow", {})
-    deploy = record.get("stages", {}).get("deploy", {}).get("outputs", {})
+    code = record.get("code", {})
+    model = _registered(record)
+    inputs = input_versions(record)
+    extra = list(inputs.items())[1:]
+    model_line = (f"Model: {model.get('name')} v{model.get('version')}"
+                  + (" (promoted to champion)" if model.get("promoted") else "")
+                  + (f"; model object `{model['model_oid']}`." if model.get("model_oid") else ".")
+                  if model else "No model registered.")
+    model_rows = ""
+    if model.get("model_oid"):
+        model_rows += (f"| `model.pkl` | the registered model (`pickle.load`), "
+                       f"object `{model['model_oid']}` |\n")
+    if model.get("metrics"):
+        model_rows += "| `metrics.json` | the metrics it was registered with |\n"
     return RUN_MD.format(
         run_id=record.get("flow_run_id"), flow=record.get("flow_name"),
         started=_when(record.get("started")), trigger=record.get("trigger", {}).get("kind", "?"),
-        model_name=mlflow.get("model_name"), model_version=mlflow.get("model_version"),
-        promoted=" (promoted to champion)" if deploy.get("promoted") else "",
-        model=_output(record, "train.model"), params_hash=record.get("params_hash"),
-        data=record.get("inputs", {}).get("data"), snapshot=code.get("snapshot"),
-        mlflow_run=mlflow.get("run_id"), git_commit=code.get("git_commit") or "none",
+        model_line=model_line, params_hash=record.get("params_hash"), data=data_version(record),
+        input_rows="".join(f"| `inputs/{key}/` | input `{key}`, version `{version}` |\n"
+                           for key, version in extra),
+        model_rows=model_rows, snapshot=code.get("snapshot"),
+        git_commit=code.get("git_commit") or "none",
         dirty=" with uncommitted changes" if code.get("git_dirty") else "",
         git_row="| `git.diff` | the uncommitted changes on top of that commit |\n"
         if code.get("git_diff") else "",
     )
 
 
+def _get(store: ObjectStore, oid: str, dest: Path) -> None:
+    if oid.endswith(".dir"):
+        store.get_dir(oid, dest)
+    else:
+        store.get_file(oid, dest)
+
+
 def checkout(store: ObjectStore, target: str, dest: Path, home: Path) -> Path:
     """Write the run behind ``target`` into the new (or empty) folder ``dest``.
 
-    The folder holds params.yaml, data/, model.pkl, metrics.json, code/,
-    environment.json, run.json, git.diff (if the tree was dirty) and a RUN.md
-    explaining them. It is built beside ``dest`` and renamed into place, so a
-    failure leaves nothing behind; a non-empty ``dest`` is refused untouched.
+    The folder holds params.yaml, data/ (the first input; others in
+    inputs/<stage>.<argument>/), model.pkl and metrics.json if the run
+    registered a model, code/, environment.json, run.json, git.diff (if the
+    tree was dirty) and a RUN.md explaining them. It is built beside ``dest``
+    and renamed into place, so a failure leaves nothing behind; a non-empty
+    ``dest`` is refused untouched.
     """
     import yaml
 
@@ -298,26 +356,27 @@ def checkout(store: ObjectStore, target: str, dest: Path, home: Path) -> Path:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise CheckoutError(f"{dest} already exists and is not an empty folder; "
                             "choose a new destination or remove it first")
-    needed = {"data": record.get("inputs", {}).get("data"), "model": _output(record, "train.model"),
-              "metrics": _output(record, "evaluate.metrics"),
-              "code": record.get("code", {}).get("snapshot"), "environment": record.get("environment")}
-    missing = [name for name, oid in needed.items() if not oid]
-    if missing:
-        raise CheckoutError(f"run {record.get('flow_run_id')} records no {', '.join(missing)}; "
+    code, environment = record.get("code", {}).get("snapshot"), record.get("environment")
+    if not code or not environment:
+        raise CheckoutError(f"run {record.get('flow_run_id')} records no code or environment; "
                             "it cannot be checked out")
+    inputs = input_versions(record)
+    model = _registered(record)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.parent / f".{uuid.uuid4().hex[:16]}.uncool-checkout"
     try:
         staging.mkdir()
         (staging / "params.yaml").write_text(
             yaml.safe_dump(record.get("params", {}), sort_keys=False), encoding="utf-8")
-        store.get_dir(needed["data"], staging / "data")
-        store.get_file(needed["model"], staging / "model.pkl")
-        lines = store.get_bytes(needed["metrics"]).decode("utf-8").splitlines()
-        metrics = json.loads(lines[0]) if lines else {}
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-        store.get_dir(needed["code"], staging / "code")
-        store.get_file(needed["environment"], staging / "environment.json")
+        for index, (key, version) in enumerate(inputs.items()):
+            _get(store, version, staging / "data" if index == 0 else staging / "inputs" / key)
+        if model.get("model_oid"):
+            store.get_file(model["model_oid"], staging / "model.pkl")
+        if model.get("metrics"):
+            (staging / "metrics.json").write_text(
+                json.dumps(model["metrics"], indent=1, sort_keys=True) + "\n")
+        store.get_dir(code, staging / "code")
+        store.get_file(environment, staging / "environment.json")
         (staging / "run.json").write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         if record.get("code", {}).get("git_diff"):
             store.get_file(record["code"]["git_diff"], staging / "git.diff")

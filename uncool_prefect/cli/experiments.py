@@ -1,13 +1,7 @@
 """``uncool exp show`` and ``uncool diff``: compare runs, like ``dvc exp show`` / ``dvc exp diff``.
 
-Register them on the main app with::
-
-    from .cli_experiments import diff, exp_app
-    app.command(exp_app)   # uncool exp show [--baseline T] [--flow F] [--since 2h] [--sort COL]
-    app.command(diff)      # uncool diff A B [--json]
-
 ``diff`` is also ``uncool exp diff``. Unknown targets raise
-:class:`~uncool_prefect.lineage.TargetError` and unknown columns or durations
+:class:`~uncool_prefect.records.targets.TargetError` and unknown columns or durations
 :class:`LookupError`: the main entry point prints those as one line (exit 2).
 """
 
@@ -19,33 +13,20 @@ import cyclopts
 from cyclopts import Parameter
 from rich.console import Console, RenderableType
 
-from . import experiments
-from .settings import get_settings
-from .store import ObjectStore
+from ..records import experiments
+from ..settings import get_settings
+from .common import Basepath, app, open_cli_store, out
 
 exp_app = cyclopts.App(
     name="exp",
     help="Compare pipeline runs: config changes, data versions, metrics and the champion.",
 )
+app.command(exp_app)
 
-Basepath = Annotated[
-    str | None,
-    Parameter(help="Store URL: a folder or s3://bucket/prefix. Default: UNCOOL_STORE, "
-              "else .uncool/store."),
-]
 JsonOutput = Annotated[bool, Parameter(name="--json", help="Print JSON instead of a table.")]
 
 
-def _store(basepath: str | None) -> ObjectStore:
-    settings = get_settings()
-    return ObjectStore(basepath or settings.store_url, algorithm=settings.algorithm,
-                       state_dir=settings.state_dir)
-
-
 def _print(renderable: RenderableType) -> None:
-    # NOTE: imported here, not at the top: cli.py imports this module.
-    from .cli import out
-
     # NOTE: piped (not a terminal), the table is printed at its natural width
     # instead of squeezing a dozen columns into 80.
     if not out.is_terminal:
@@ -77,7 +58,7 @@ def show(
     """One row per run: when, which flow and trigger, data version, config values that
     differ from the baseline, metrics, model version and the champion."""
     table = experiments.exp_rows(
-        _store(basepath), get_settings().home, baseline=baseline, flow=flow,
+        open_cli_store(basepath), get_settings().home, baseline=baseline, flow=flow,
         since=None if since is None else experiments.parse_since(since), sort=sort,
     )
     if json_output:
@@ -108,8 +89,11 @@ def diff(
     b
         The newer run, named the same ways.
     """
-    result = experiments.diff_runs(_store(basepath), get_settings().home, a, b)
+    result = experiments.diff_runs(open_cli_store(basepath), get_settings().home, a, b)
     if json_output:
         print(experiments.diff_to_json(result))
         return
     _print(experiments.render_diff(result))
+
+
+app.command(diff)

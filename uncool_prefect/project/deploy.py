@@ -6,8 +6,9 @@ first (a reachable server, the work pool, the block types, the store block)
 and ships the code.
 
 The code travels through the store, not through a path on the deploying
-machine: ``publish_code`` stores the project's ``flows/`` folder as an object
-and points ``refs/deployments/code`` at it; the deployments' pull step,
+machine: ``publish_code`` stores the project's code (the folder of its
+pipeline and its pyproject.toml, as a run record's code snapshot has them)
+as an object and points ``refs/deployments/code`` at it; the deployments' pull step,
 :func:`pull_code`, materializes that object wherever the flow run starts, so a
 worker needs the installed package and the store, nothing else. The code a
 run used is then a content hash, like its data and its model.
@@ -23,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from ..settings import get_settings
+from ..store import ObjectRef, ObjectStore
+from ..store.objects import cache_dir
 from . import server
-from .settings import get_settings
-from .store import ObjectRef, ObjectStore
-from .store.objects import cache_dir
+from .config import ProjectConfig
 
 POOL = "uncool-local"
-PREFECT_FILE = Path("deployments") / "prefect.yaml"
+WATCH_FLOW = "uncool-watch"
 CODE_REF = "deployments/code"
 # Seconds between a worker's polls for scheduled runs (Prefect's default: 10).
 WORKER_QUERY_SECONDS = 0.5
@@ -39,14 +41,22 @@ class DeployError(RuntimeError):
     """Deploying failed; the message says why and what to do."""
 
 
-def publish_code(store: ObjectStore, project: Path) -> ObjectRef:
-    """Store ``<project>/flows`` as ``flows/`` of a folder object; point the code ref at it."""
-    flows = project / "flows"
+def publish_code(store: ObjectStore, config: ProjectConfig) -> ObjectRef:
+    """Store the project's code as one folder object; point the code ref at it."""
+    from ..records.run_record import code_files, project_code
+
+    roots, files = project_code(str(config.pipeline_file))
+    roots.pop("uncool_prefect", None)  # a worker has the package installed
     with tempfile.TemporaryDirectory(prefix="uncool-code-") as tmp:
-        shutil.copytree(flows, Path(tmp) / "flows",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+        for name, root in roots.items():
+            for path in code_files(root):
+                target = Path(tmp) / name / path.relative_to(root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+        for name, path in files.items():
+            shutil.copyfile(path, Path(tmp) / name)
         ref = store.put_dir(tmp)
-    store.set_ref(CODE_REF, ref, project=project.name)
+    store.set_ref(CODE_REF, ref, project=config.root.name)
     return ref
 
 
@@ -59,7 +69,7 @@ def pull_code(ref: str = CODE_REF, block: str | None = None) -> dict[str, str]:
         pull:
           - uncool_prefect.deploy.pull_code: {}
     """
-    from .blocks import ContentAddressedStorage
+    from ..blocks import ContentAddressedStorage
 
     home = os.environ.get("UNCOOL_HOME")
     if not home or not Path(home).is_absolute():
@@ -93,33 +103,33 @@ def ensure_work_pool(name: str = POOL) -> str:
             client.create_work_pool(WorkPoolCreate(
                 name=name, type="process",
                 base_job_template=ProcessWorker.get_default_base_job_template(),
-                description="uncool-prefect: the issue labeler's deployments (process worker)",
+                description="uncool-prefect: the project's deployments (process worker)",
             ))
             return "created"
     if pool.type != "process":
         raise DeployError(f"work pool {name!r} exists with type {pool.type!r}; the deployments "
-                          "in deployments/prefect.yaml need a process pool: delete it or rename "
-                          "work_pool.name there")
+                          "of uncool deploy need a process pool: delete it or rename "
+                          "work_pool.name in the project's prefect.yaml")
     return "exists"
 
 
 def register_blocks() -> str:
     """Register the block types and point the store block at the project's store."""
-    from .blocks import ContentAddressedStorage
-    from .runner import ensure_block
+    from ..blocks import ContentAddressedStorage, ensure_store_block
 
     ContentAddressedStorage.register_type_and_schema()
-    return ensure_block(get_settings().block)
+    return ensure_store_block(get_settings().block).url
 
 
-def apply_deployments(project: Path, api_url: str) -> str:
-    """``prefect deploy --all`` on deployments/prefect.yaml, from the project folder."""
-    prefect_file = project / PREFECT_FILE
-    if not prefect_file.exists():
-        raise DeployError(f"{prefect_file} is missing; it declares the deployments")
+def apply_deployments(config: ProjectConfig, api_url: str) -> str:
+    """``prefect deploy --all`` on the project's prefect.yaml, from the project folder."""
+    prefect_file = config.deployments_file
+    if prefect_file is None or not prefect_file.exists():
+        raise DeployError(f"{prefect_file} is missing; it declares the deployments "
+                          "(set deployments = \"path/prefect.yaml\" in [tool.uncool] to use another)")
     command = [server.prefect_executable(), "--no-prompt", "deploy", "--all",
-               "--prefect-file", str(PREFECT_FILE)]
-    done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=300,
+               "--prefect-file", str(prefect_file.relative_to(config.root))]
+    done = subprocess.run(command, cwd=config.root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PREFECT_API_URL": api_url})
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
@@ -135,17 +145,19 @@ class DeploymentInfo:
     work_pool: str | None
 
 
-def read_deployments(flow_names: tuple[str, ...] = ("train-evaluate-deploy", "uncool-watch")
-                     ) -> list[DeploymentInfo]:
-    """The project's deployments as the server has them."""
+def read_deployments(config: ProjectConfig) -> list[DeploymentInfo]:
+    """The deployments the project's prefect.yaml declares, as the server has them."""
+    import yaml
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowFilter
 
+    assert config.deployments_file is not None
+    declared = yaml.safe_load(config.deployments_file.read_text(encoding="utf-8")) or {}
+    names = [str(d.get("name")) for d in declared.get("deployments") or [] if d.get("name")]
     with get_client(sync_client=True) as client:
         deployments = client.read_deployments(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=list(flow_names))))
-        flows = {f.id: f.name for f in client.read_flows(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=list(flow_names))))}
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)))
+        flows = {f.id: f.name for f in client.read_flows(flow_filter=FlowFilter())}
         automations = client.read_automations()
     infos = []
     for deployment in deployments:
@@ -160,7 +172,16 @@ def read_deployments(flow_names: tuple[str, ...] = ("train-evaluate-deploy", "un
     return sorted(infos, key=lambda d: d.name)
 
 
-def start_watcher(url: str, name: str, deployment: str = "uncool-watch/watch-issues") -> tuple[str, bool]:
+def watcher_deployment(infos: list[DeploymentInfo]) -> str:
+    """The project's deployment of the watcher flow (``uncool-watch``)."""
+    found = [info.name for info in infos if info.name.startswith(WATCH_FLOW + "/")]
+    if not found:
+        raise DeployError(f"--watch needs a deployment of the {WATCH_FLOW} flow in the project's "
+                          "prefect.yaml (see the example's flows/watch.py); none is declared")
+    return found[0]
+
+
+def start_watcher(url: str, name: str, deployment: str) -> tuple[str, bool]:
     """A flow run of the watcher deployment on ``url``, unless one is already active.
 
     Returns the flow run id and whether it was created now.

@@ -19,9 +19,10 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from . import lineage
-from .params import diff_params
-from .store import ObjectStore
+from ..project.params import diff_params
+from ..store import ObjectStore
+from . import targets as lineage
+from .run_record import data_version
 
 FIXED_COLUMNS = ("run", "started", "flow", "trigger", "data", "model", "champion")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -115,7 +116,14 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 
 def read_metrics(store: ObjectStore, record: dict[str, Any]) -> dict[str, float]:
-    """The metrics a run's evaluate stage stored (a JSONL object); empty if unreadable."""
+    """The metrics of a run: those its model was registered with (empty if none).
+
+    Records of version 1 kept them as a JSONL object of the evaluate stage.
+    """
+    models = record.get("models") or []
+    if models:
+        return {str(k): float(v) for k, v in (models[-1].get("metrics") or {}).items()
+                if isinstance(v, (int, float))}
     oid = record.get("stages", {}).get("evaluate", {}).get("outputs", {}).get("metrics")
     if not oid:
         return {}
@@ -133,7 +141,7 @@ def champion_run_ids(records: list[dict[str, Any]], home: Path) -> set[str]:
     if not names:
         return set()
     try:
-        from . import tracking
+        from .. import tracking
 
         if not tracking.has_tracking_store(home):
             return set()  # no tracking store: do not create one just to look
@@ -199,7 +207,7 @@ def exp_rows(store: ObjectStore, home: Path, baseline: str | None = None,
             started=float(record.get("started", 0)),
             flow=str(record.get("flow_name", "")),
             trigger=str(record.get("trigger", {}).get("kind", "")),
-            data=str(record.get("inputs", {}).get("data", "")),
+            data=str(data_version(record) or ""),
             config={k: new for k, (_old, new) in
                     diff_params(base_params, record.get("params", {})).items()},
             metrics=read_metrics(store, record),
@@ -292,8 +300,8 @@ def diff_runs(store: ObjectStore, home: Path, a: str, b: str) -> RunDiff:
     return RunDiff(
         a=str(old.get("flow_run_id", "")), b=str(new.get("flow_run_id", "")),
         config=diff_params(old.get("params", {}), new.get("params", {})), metrics=metrics,
-        data_old=str(old.get("inputs", {}).get("data", "")),
-        data_new=str(new.get("inputs", {}).get("data", "")),
+        data_old=str(data_version(old) or ""),
+        data_new=str(data_version(new) or ""),
         code_old=old.get("code", {}).get("snapshot"), code_new=new.get("code", {}).get("snapshot"),
         model_old=model(old), model_new=model(new),
     )

@@ -1,11 +1,13 @@
 """``uncool reproduce``: re-create a recorded run and audit it byte for byte.
 
-The recorded config, data snapshot and code snapshot are materialized from
-the store, the recorded pipeline runs again from that code (in a subprocess
-whose import path puts the snapshot first) with the cache bypassed, and every
-stage's output id is compared with the recorded one. Registering the model is
-a side effect, so the reproduction registers into a scratch MLflow store and
-deploy is reported, not compared.
+The recorded code snapshot and every recorded input are materialized from the
+store; the recorded pipeline runs again from that code (in a subprocess whose
+import path puts the snapshot first), with the recorded parameters, the cache
+bypassed, and each stage's path argument replaced by its recorded data
+(:data:`~uncool_prefect.api.REPLAY_INPUTS_ENV`). Then every object each stage
+produced is compared with the recorded one. Registering a model is a side
+effect, so the reproduction registers into a scratch MLflow store and the
+registering stage is reported, not compared.
 """
 
 from __future__ import annotations
@@ -19,24 +21,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .lineage import resolve_target, snapshot_environment
-from .store import ObjectStore, StoreError
-
-COMPARED = ("get-data", "split", "train", "evaluate")
+from ..api import REPLAY_INPUTS_ENV
+from ..store import ObjectStore, StoreError
+from .run_record import input_versions, snapshot_environment
+from .targets import resolve_target
 
 
 class CorruptRecordError(StoreError):
     """Objects a run record names are damaged: the run cannot be re-created."""
 
+
+class NotReproducibleError(StoreError):
+    """The record lacks what a reproduction needs; the message says what."""
+
+
 _RUN_RECORDED = """
 import json, sys
 from pathlib import Path
-from uncool_prefect import runner
-code, data, params_file = sys.argv[1:4]
-params = json.loads(Path(params_file).read_text())
-pipeline = runner.load_pipeline(Path(code))
-runner.ensure_block(pipeline.BLOCK)
-state = pipeline.train_evaluate_deploy(params=params, source=data, return_state=True)
+from uncool_prefect.project.config import config_of
+from uncool_prefect.project.runner import load_flow
+code, params_file = sys.argv[1:3]
+flow = load_flow(config_of(Path(code)))
+state = flow(**json.loads(Path(params_file).read_text()), return_state=True)
 state.result()
 print("UNCOOL_REPRODUCED", state.state_details.flow_run_id)
 """
@@ -47,6 +53,7 @@ class StageCheck:
     stage: str
     recorded: dict[str, Any]
     reproduced: dict[str, Any]
+    note: str = ""
 
     @property
     def identical(self) -> bool:
@@ -86,13 +93,21 @@ def _package_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[
     return changes
 
 
+def _compared(stage: dict[str, Any]) -> dict[str, Any]:
+    """What a stage stored: the object ids its return value names, else its stored result."""
+    if stage.get("outputs"):
+        return dict(stage["outputs"])
+    return {"result": stage["result"]} if stage.get("result") else {}
+
+
 def _recorded_objects(store: ObjectStore, record: dict[str, Any]) -> list[str]:
     """Every object the record names, with the files of its folder objects."""
-    names = [record["inputs"]["data"], record["code"]["snapshot"], record["environment"]]
-    for stage in COMPARED:
-        names.extend(str(v) for v in record["stages"][stage]["outputs"].values())
-    for folder in (record["inputs"]["data"], record["code"]["snapshot"]):
-        if store.has(folder):
+    inputs = list(input_versions(record).values())
+    names = [*inputs, record["code"]["snapshot"], record["environment"]]
+    for stage in record.get("stages", {}).values():
+        names.extend(str(v) for v in stage.get("outputs", {}).values())
+    for folder in [*inputs, record["code"]["snapshot"]]:
+        if folder.endswith(".dir") and store.has(folder):
             names.extend(entry.oid for entry in store.read_manifest(folder).entries)
     return list(dict.fromkeys(names))
 
@@ -100,6 +115,11 @@ def _recorded_objects(store: ObjectStore, record: dict[str, Any]) -> list[str]:
 def reproduce(store: ObjectStore, target: str, home: Path, api_url: str) -> Reproduction:
     """Re-run the run ``target`` resolves to from its own inputs; compare every stage."""
     record = resolve_target(store, target, home)
+    if record.get("version", 1) < 2 or not record.get("entrypoint"):
+        raise NotReproducibleError(
+            f"run {record['flow_run_id']} was recorded without its pipeline's entrypoint "
+            "(an older record, or a @pipeline outside a [tool.uncool] project): it cannot be "
+            "re-run automatically; `uncool checkout` gives its code, data and params")
     corrupt = [f"{p.name} ({p.kind})"
                for p in store.verify(names=_recorded_objects(store, record))]
     if corrupt:
@@ -113,7 +133,15 @@ def reproduce(store: ObjectStore, target: str, home: Path, api_url: str) -> Repr
         scratch = Path(tmp)
         # Inputs come out of the store verified: a damaged one stops us here, named.
         code = store.get_dir(record["code"]["snapshot"], scratch / "code")
-        data = store.get_dir(record["inputs"]["data"], scratch / "data")
+        replay = {}
+        for key, version in input_versions(record).items():
+            dest = scratch / "inputs" / key
+            if version.endswith(".dir"):
+                store.get_dir(version, dest)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                store.get_file(version, dest)
+            replay[key] = str(dest)
         params_file = scratch / "params.json"
         params_file.write_text(json.dumps(record["params"]))
         env = {
@@ -125,10 +153,12 @@ def reproduce(store: ObjectStore, target: str, home: Path, api_url: str) -> Repr
             "UNCOOL_STORE": store.url,
             "UNCOOL_HOME": str(scratch / "home"),
             "UNCOOL_BLOCK": "uncool-reproduce",
+            "UNCOOL_REPRODUCING": str(record["flow_run_id"]),
+            REPLAY_INPUTS_ENV: json.dumps(replay),
         }
         done = subprocess.run(
-            [sys.executable, "-c", _RUN_RECORDED, str(code), str(data), str(params_file)],
-            capture_output=True, text=True, env=env, cwd=scratch, check=False,
+            [sys.executable, "-c", _RUN_RECORDED, str(code), str(params_file)],
+            capture_output=True, text=True, env=env, cwd=code, check=False,
         )
     new_run = next((line.split()[1] for line in done.stdout.splitlines()
                     if line.startswith("UNCOOL_REPRODUCED ")), None)
@@ -136,17 +166,23 @@ def reproduce(store: ObjectStore, target: str, home: Path, api_url: str) -> Repr
         tail = (done.stderr or done.stdout).strip().splitlines()[-15:]
         raise RuntimeError("the recorded pipeline failed to run again:\n" + "\n".join(tail))
     again = store.get_run_record(new_run)
-    # NOTE: the reproduction's own record says what it was, and that its model
-    # version lived in a scratch registry that is gone now.
-    again["trigger"] = {**again.get("trigger", {}), "kind": "reproduce",
-                        "of": record["flow_run_id"]}
-    again["mlflow"] = {**again.get("mlflow", {}), "model_version": None,
-                       "tracking_uri": None}
+    # NOTE: its model versions lived in a scratch registry that is gone now.
+    again["mlflow"] = {**again.get("mlflow", {}), "model_version": None, "tracking_uri": None}
+    again["models"] = [{**m, "version": None, "scratch_registry": True}
+                       for m in again.get("models", [])]
     store.put_run_record(new_run, again)
     result = Reproduction(record["flow_run_id"], new_run)
-    for stage in COMPARED:
-        result.checks.append(StageCheck(stage, record["stages"][stage]["outputs"],
-                                        again["stages"][stage]["outputs"]))
+    registering = {m.get("stage") for m in record.get("models", [])}
+    for name, stage in record.get("stages", {}).items():
+        other = again.get("stages", {}).get(name, {})
+        if name in registering:
+            result.checks.append(StageCheck(name, {}, {}, "registers a model: not compared "
+                                                          "(scratch registry)"))
+            continue
+        check = StageCheck(name, _compared(stage), _compared(other))
+        if not check.recorded and not check.reproduced:
+            check.note = "stores no objects: nothing to compare"
+        result.checks.append(check)
     recorded_env = json.loads(store.get_bytes(record["environment"]))
     current_env = json.loads(store.get_bytes(snapshot_environment(store)))
     result.environment_changes = _package_changes(recorded_env, current_env)

@@ -5,6 +5,7 @@ every result, the second finds them all by cache key and reads them back,
 verified, from the store, so every task is `Cached`.
 
     uncool demo        # does exactly that, against a local Prefect server
+    python -m uncool_prefect.project.store_demo   # one run
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 STORAGE = "content-addressed-storage/uncool-demo"
-LABELS = ("data-sync", "experiments", "plots")
+LABELS = ("storage", "compute", "display")
 WORDS = {
-    "data-sync": ["push", "pull", "remote", "s3", "cache", "checkout", "fetch"],
-    "experiments": ["exp", "run", "queue", "params", "metrics", "branch", "apply"],
-    "plots": ["plot", "vega", "template", "axis", "render", "html", "image"],
+    "storage": ["push", "pull", "remote", "s3", "cache", "checkout", "fetch"],
+    "compute": ["run", "queue", "params", "metrics", "worker", "gpu", "batch"],
+    "display": ["plot", "chart", "template", "axis", "render", "html", "image"],
 }
 
 stored = {
@@ -34,7 +35,7 @@ stored = {
 
 @task(**stored)
 def make_titles(n: int, seed: int) -> list[tuple[str, str]]:
-    """Issue titles with their label, a stand-in for the real data source."""
+    """Short labelled texts, a stand-in for a real data source."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):

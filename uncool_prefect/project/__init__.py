@@ -1,0 +1,1 @@
+"""A project: its [tool.uncool] config and params, `uncool run`, the server, deployments, init."""

@@ -1,0 +1,1 @@
+"""Run records and what reads them: lineage, experiments, checkout, the reproduction audit."""
