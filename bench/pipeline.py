@@ -189,7 +189,7 @@ _IN_PROCESS = f"""
 import json, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
-from uncool_prefect import runner
+from uncool_prefect.project import runner
 project, repeat, overrides = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 params = runner.resolve_params(project, None, overrides)
 pipeline = runner.load_pipeline(project)

@@ -24,7 +24,17 @@ from prefect import flow, get_run_logger
 from prefect.context import SettingsContext
 from prefect.runtime import flow_run
 
-from uncool_prefect import Gate, compute, get_store, pipeline, register_model, reports, stage, tracking
+from uncool_prefect import (
+    Gate,
+    compute,
+    get_store,
+    pipeline,
+    register_model,
+    replayed_input,
+    reports,
+    stage,
+    tracking,
+)
 from uncool_prefect.settings import get_settings
 from uncool_prefect.sources import (
     DataError,
@@ -310,7 +320,10 @@ def train_evaluate_deploy(data: dict[str, Any] | None = None, split: dict[str, A
     assert data and split and train and deploy, "params.yaml sections missing"
     # NOTE: deployment triggers pass "" for a payload field that is missing.
     snapshot = resolve_dataset(dataset) if dataset else None
-    if snapshot:
+    replayed = replayed_input("get-data", "source")  # `uncool reproduce`: the recorded data
+    if replayed:
+        source = replayed
+    elif snapshot:
         source = dataset_folder(snapshot)
     else:
         if dataset:

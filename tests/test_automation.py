@@ -78,7 +78,7 @@ def test_new_data_trains_evaluates_and_deploys_by_itself(stack: AutomationStack)
         daily = client.read_deployment_by_name(stack.DAILY)
     assert [s.schedule.cron for s in daily.schedules] == ["0 6 * * *"]  # type: ignore[union-attr]
     assert daily.work_pool_name == "uncool-local"
-    assert daily.pull_steps == [{"uncool_prefect.deploy.pull_code": {"ref": "deployments/code"}}]
+    assert daily.pull_steps == [{"uncool_prefect.project.deploy.pull_code": {"ref": "deployments/code"}}]
     # Run now, it retrains on the latest announced data: nothing changed, all Cached.
     with get_client(sync_client=True) as client:
         client.create_flow_run_from_deployment(daily.id)
@@ -120,7 +120,7 @@ def test_deploy_refuses_to_watch_a_missing_folder(tmp_path: Path) -> None:
 
 def test_a_worker_without_a_project_home_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """The pull step refuses a relative UNCOOL_HOME: runs would record apart from the project."""
-    from uncool_prefect.deploy import DeployError, pull_code
+    from uncool_prefect.project.deploy import DeployError, pull_code
 
     monkeypatch.setenv("UNCOOL_HOME", ".uncool")
     with pytest.raises(DeployError, match="uncool worker"):

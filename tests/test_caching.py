@@ -293,7 +293,7 @@ def _run_flow(flow_file: Path, data: Path) -> dict[str, Any]:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     line = next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))
     result: dict[str, Any] = json.loads(line.split(" ", 1)[1])
-    from uncool_prefect.runner import task_states
+    from uncool_prefect.project.runner import task_states
 
     result["states"] = list(task_states(str(result["flow_run_id"])).values())
     return result

@@ -136,10 +136,11 @@ def test_demo_is_the_main_job_and_its_second_run_is_cached(tmp_path: Path) -> No
 
 
 def _project(tmp_path: Path) -> Path:
-    """A folder that uncool takes for a project: it holds flows/pipeline.py."""
+    """A folder that uncool takes for a project: its pyproject.toml has a [tool.uncool] table."""
     project = tmp_path / "project"
     (project / "flows").mkdir(parents=True)
     (project / "flows" / "pipeline.py").write_text("")
+    (project / "pyproject.toml").write_text('[tool.uncool]\npipeline = "flows/pipeline.py:run"\n')
     return project
 
 
@@ -185,7 +186,7 @@ def test_the_projects_env_file_counts_from_a_subfolder_and_reaches_the_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker's flow runs start in the code cache, far from .env: they get the store and block pinned."""
-    from uncool_prefect.deploy import worker_environment
+    from uncool_prefect.project.deploy import worker_environment
     from uncool_prefect.settings import default_block_name, get_settings
 
     project = _project(tmp_path)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from project import Project
 
-from uncool_prefect import experiments
-from uncool_prefect.lineage import TargetError, resolve_target
+from uncool_prefect.records import experiments
+from uncool_prefect.records.targets import TargetError, resolve_target
 from uncool_prefect.sources import write_sample, write_sample_day
 from uncool_prefect.store import ObjectStore
 
@@ -152,7 +152,7 @@ def test_an_unknown_target_is_a_clear_error(runs: Runs) -> None:
 
 @pytest.mark.usefixtures("settings_env")
 def test_the_cli_commands(runs: Runs, capsys: pytest.CaptureFixture[str]) -> None:
-    from uncool_prefect.cli_experiments import exp_app
+    from uncool_prefect.cli.experiments import exp_app
 
     exp_app(["show", "--json", "--sort", "macro_f1"], result_action="return_value")
     document = json.loads(capsys.readouterr().out)

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from project import Project as BaseProject
 
-from uncool_prefect.lineage import TargetError
-from uncool_prefect.lineage_view import CheckoutError, checkout, lineage_tree, render_tree
+from uncool_prefect.records.lineage import CheckoutError, checkout, lineage_tree, render_tree
+from uncool_prefect.records.targets import TargetError
 from uncool_prefect.sources import write_sample
 from uncool_prefect.store import ObjectStore
 
@@ -161,7 +161,7 @@ def test_checkout_refuses_a_non_empty_folder_and_leaves_it_alone(runs: TwoRuns, 
 
 def test_the_cli_commands(runs: TwoRuns, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from uncool_prefect import cli_lineage
+    from uncool_prefect.cli import lineage as cli_lineage
 
     monkeypatch.setenv("UNCOOL_HOME", str(runs.project.home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -13,7 +13,7 @@ import pytest
 from project import PROJECT, UNCOOL
 from project import Project as BaseProject
 
-from uncool_prefect.runner import task_states
+from uncool_prefect.project.runner import task_states
 from uncool_prefect.sources import write_sample, write_sample_day
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from uncool_prefect import ContentAddressedStorage
-from uncool_prefect.runner import task_states
+from uncool_prefect.project.runner import task_states
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -179,16 +179,16 @@ def test_pointing_a_block_at_another_store_says_what_it_moved(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two projects on one server with the same block name: the second is told."""
-    from uncool_prefect.runner import ensure_block
+    from uncool_prefect.blocks import ensure_store_block
 
     name = f"shared-{tmp_path.name}".lower().replace("_", "-")
     monkeypatch.setenv("UNCOOL_STORE", str(tmp_path / "a"))
-    assert ensure_block(name) == str(tmp_path / "a")
-    assert ensure_block(name) == str(tmp_path / "a")
+    assert ensure_store_block(name).url == str(tmp_path / "a")
+    assert ensure_store_block(name).url == str(tmp_path / "a")
     assert "warning" not in capsys.readouterr().err  # first use, then unchanged: quiet
 
     monkeypatch.setenv("UNCOOL_STORE", str(tmp_path / "b"))
-    ensure_block(name)
+    ensure_store_block(name)
     warning = capsys.readouterr().err
     assert f"pointed at {tmp_path / 'a'}; it now points at {tmp_path / 'b'}" in warning
     assert "UNCOOL_BLOCK" in warning

@@ -13,7 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from project import PROJECT, Project
 
-from uncool_prefect.runner import task_states
+from uncool_prefect.project.runner import task_states
 from uncool_prefect.sources import write_sample
 
 
@@ -88,10 +88,12 @@ def test_the_sweep_goes_to_the_server_uncool_found(prefect_server: str, tmp_path
 import sys
 from pathlib import Path
 import prefect  # settings read now, with no API URL
-from uncool_prefect import runner
-params = runner.resolve_params(Path.cwd(), None, ["data.source=folder", f"data.folder.url={sys.argv[2]}",
-                                                 "train.sweep.grid.classifier=[logistic_regression]"])
-print(runner.run_pipeline(Path.cwd(), params, sys.argv[1]).flow_run_id)
+from uncool_prefect.project import runner
+from uncool_prefect.project.config import load_config
+config = load_config()
+params = runner.resolve_params(config, None, ["data.source=folder", f"data.folder.url={sys.argv[2]}",
+                                              "train.sweep.grid.classifier=[logistic_regression]"])
+print(runner.run_pipeline(config, params, sys.argv[1]).flow_run_id)
 """
     env = {k: v for k, v in project.env.items() if k != "PREFECT_API_URL"}
     done = subprocess.run([sys.executable, "-c", script, prefect_server, str(project.data)],

@@ -24,19 +24,19 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .api import get_store, pipeline, stage
+    from .api import get_store, pipeline, replayed_input, stage
     from .blocks import ContentAddressedStorage
     from .caching import ContentAware
     from .tracking import Gate, Registration, register_model
 
 _EXPORTS = {
-    "stage": ".api", "pipeline": ".api", "get_store": ".api",
+    "stage": ".api", "pipeline": ".api", "get_store": ".api", "replayed_input": ".api",
     "register_model": ".tracking", "Gate": ".tracking", "Registration": ".tracking",
     "ContentAddressedStorage": ".blocks", "ContentAware": ".caching",
 }
 
 __all__ = ["ContentAddressedStorage", "ContentAware", "Gate", "Registration", "__version__",
-           "get_store", "pipeline", "register_model", "stage"]
+           "get_store", "pipeline", "register_model", "replayed_input", "stage"]
 
 
 def __getattr__(name: str) -> Any:

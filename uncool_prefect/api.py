@@ -252,6 +252,17 @@ def replayed_path(task_name: str, argument: str, value: Any) -> Any:
     return Path(replacement) if isinstance(value, os.PathLike) else replacement
 
 
+def replayed_input(stage_name: str, argument: str) -> Path | None:
+    """The recorded data of a stage's path argument while `uncool reproduce` re-runs a run.
+
+    A stage's path arguments are swapped for their recorded data by itself; a
+    flow that reads a path *before* handing it to a stage (to validate it,
+    say) asks here, and uses the answer when there is one.
+    """
+    found = _replayed_inputs().get(f"{stage_name}.{argument}")
+    return Path(found) if found else None
+
+
 def _replaying(fn: Callable[..., Any], task_name: Callable[[], str]) -> Callable[..., Any]:
     """``fn``, with path arguments swapped for replayed data when a reproduction asks for it."""
     signature = inspect.signature(fn)

@@ -40,11 +40,11 @@ def main() -> None:
     try:
         app()
     except StoreError as exc:
-        err.print(f"error: {exc}")
+        err.print(f"error: {exc}", markup=False)
         sys.exit(2)
     except Exception as exc:
         if _is_user_error(exc):
-            err.print(f"error: {exc}")
+            err.print(f"error: {exc}", markup=False)
             sys.exit(2)
         raise
 

@@ -67,7 +67,7 @@ def pull_code(ref: str = CODE_REF, block: str | None = None) -> dict[str, str]:
     the flow's entrypoint. Used from prefect.yaml as
 
         pull:
-          - uncool_prefect.deploy.pull_code: {}
+          - uncool_prefect.project.deploy.pull_code: {}
     """
     from ..blocks import ContentAddressedStorage
 

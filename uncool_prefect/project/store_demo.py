@@ -14,6 +14,7 @@ import json
 import random
 import sys
 from collections import Counter
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
@@ -26,7 +27,7 @@ WORDS = {
     "display": ["plot", "chart", "template", "axis", "render", "html", "image"],
 }
 
-stored = {
+stored: dict[str, Any] = {
     "result_storage": STORAGE,
     "cache_policy": INPUTS + TASK_SOURCE,
     "persist_result": True,
@@ -63,9 +64,9 @@ def store_demo(n: int = 2000, seed: int = 7) -> dict[str, str]:
     again_state = count_labels_again(rows, return_state=True)
     print(f"label counts: {counts_state.result()}")
     return {
-        "make_titles": rows_state.name,
-        "count_labels": counts_state.name,
-        "count_labels_again": again_state.name,
+        "make_titles": str(rows_state.name),
+        "count_labels": str(counts_state.name),
+        "count_labels_again": str(again_state.name),
     }
 
 

@@ -283,7 +283,7 @@ A checkout of flow run `{run_id}` ({flow}), started {started}, trigger {trigger}
 |---|---|
 | `params.yaml` | the flow's parameters in this run (params hash `{params_hash}`) |
 | `data/` | the run's input data, version `{data}` |
-{input_rows}{model_rows}| `code/` | the code that ran (snapshot `{snapshot}`): pipeline folder, pyproject.toml, plugin |
+{input_rows}{model_rows}| `code/` | the code that ran (snapshot `{snapshot}`) |
 | `environment.json` | Python version, platform and installed packages |
 | `run.json` | the full run record (every object id, stage states, MLflow ids) |
 {git_row}

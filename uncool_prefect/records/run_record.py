@@ -49,7 +49,7 @@ SKIPPED_DIRS = {"__pycache__", "node_modules", "venv", "site-packages"}
 
 def code_files(root: Path) -> list[Path]:
     """Source files under ``root``: no hidden folders, caches or virtualenvs."""
-    files = []
+    files: list[Path] = []
     for folder, dirs, names in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS)
         files.extend(Path(folder) / n for n in sorted(names)
