@@ -22,7 +22,7 @@ Which stages re-ran is read from the server (the task runs of the flow run
 whose id ``uncool run`` prints) and checked against the stage table it prints.
 ``uncool run`` pays Python, Prefect and MLflow imports and loads the champion
 to show a prediction, so the no-op flow call is also timed in one process
-(``runner.load_pipeline`` once, then the flow called ``1 + repeat`` times; the
+(``runner.load_flow`` once, then the flow called ``1 + repeat`` times; the
 first call is left out).
 
 DVC: ``dvc`` from a throwaway virtualenv (``bench/.work/dvc-venv``, created
@@ -189,17 +189,20 @@ _IN_PROCESS = f"""
 import json, sys, time
 from pathlib import Path
 t0 = time.perf_counter()
+from uncool_prefect.blocks import ensure_store_block
 from uncool_prefect.project import runner
+from uncool_prefect.config import config_of
+from uncool_prefect.settings import get_settings
 project, repeat, overrides = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-params = runner.resolve_params(project, None, overrides)
-pipeline = runner.load_pipeline(project)
-runner.ensure_block(pipeline.BLOCK)
-source = str(pipeline.materialize_source(params["data"]))
+config = config_of(project)
+params = runner.resolve_params(config, None, overrides)
+flow = runner.load_flow(config)
+ensure_store_block(get_settings().block)
 setup = time.perf_counter() - t0
 calls, ids = [], []
 for _ in range(1 + repeat):
     t = time.perf_counter()
-    state = pipeline.train_evaluate_deploy(params=params, source=source, return_state=True)
+    state = flow(**params, return_state=True)
     state.result()
     calls.append(time.perf_counter() - t)
     ids.append(str(state.state_details.flow_run_id))
@@ -415,7 +418,7 @@ def bench(repeat: int) -> int:
         print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         if i == 0:
             print("-|-".join("-" * w for w in widths))
-    print(f"in-process setup (imports, load_pipeline, ensure_block) before the first call: "
+    print(f"in-process setup (imports, load_flow, ensure_store_block) before the first call: "
           f"{setup_s:.2f} s")
 
     noop = cases["noop"][0].median

@@ -57,15 +57,20 @@ def run(args: argparse.Namespace) -> None:
     import yaml
     from distributed import LocalCluster
 
-    from uncool_prefect import compute, runner
+    from uncool_prefect import compute, get_store
+    from uncool_prefect.blocks import ensure_store_block
+    from uncool_prefect.project import runner
+    from uncool_prefect.config import config_of
+    from uncool_prefect.settings import get_settings
     from uncool_prefect.sources import load_examples, write_sample
 
-    pipeline = runner.load_pipeline(ROOT)
-    runner.ensure_block(pipeline.BLOCK)
+    runner.load_flow(config_of(ROOT))
+    pipeline = sys.modules["uncool_pipeline_pipeline"]  # the flow's module: its sweep flow
+    ensure_store_block(get_settings().block)
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         write_sample(tmp, days=args.days, seed=0)
         rows = [{"id": e.id, "text": e.text, "label": e.label} for e in load_examples(tmp)]
-    train_split = pipeline._store().put_bytes(pipeline.labeler.rows_to_jsonl(rows)).oid
+    train_split = get_store().put_bytes(pipeline.labeler.rows_to_jsonl(rows)).oid
     params = yaml.safe_load((ROOT / "flows" / "params.yaml").read_text())["train"]
     grid = {"classifier": ["logistic_regression"], "C": args.C}
     labeler = pipeline.labeler

@@ -275,7 +275,7 @@ def materialize_source(data: dict[str, Any]) -> Path:
 
 
 def _flat(params: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    from uncool_prefect.project.params import flatten
+    from uncool_prefect.params import flatten
 
     return list(flatten(params, prefix))
 

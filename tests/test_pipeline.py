@@ -52,8 +52,11 @@ def project(tmp_path: Path, request: pytest.FixtureRequest) -> Project:
 def test_first_run_trains_a_champion_and_the_second_is_all_cached(project: Project) -> None:
     first, states = project.run()
     assert states == dict.fromkeys(STAGES, "Completed")
-    assert "first version of the model: it becomes champion" in first.stdout
-    prediction = json.loads(re.search(r"-> (\{.*\})", first.stdout).group(1))  # type: ignore[union-attr]
+    assert "issue-labeler v1: first version of the model: it becomes champion" in first.stdout
+    assert re.search(r"metrics +accuracy 0\.\d{3}, macro_f1 0\.\d{3}", first.stdout)
+    predicted = project.uncool("predict", "dvc pull fails with my S3 remote")
+    assert predicted.returncode == 0, predicted.stderr
+    prediction = json.loads(predicted.stdout)
     assert prediction["label"] in {"data-sync", "experiments", "plots"}
     assert 0 < prediction["score"] <= 1
     versions = project.model_versions()
@@ -70,11 +73,14 @@ def test_first_run_trains_a_champion_and_the_second_is_all_cached(project: Proje
     # The run record: plain JSON in the store, enough to find every input again.
     flow_run_id = re.search(r"runs/flow-run/([0-9a-f-]{36})", first.stdout).group(1)  # type: ignore[union-attr]
     record = json.loads((project.home / "store" / "runs" / f"{flow_run_id}.json").read_text())
-    assert record["inputs"]["data"] == tags["data_hash"]
+    assert record["data"] == tags["data_hash"]
+    assert record["inputs"]["get-data.source"]["version"] == tags["data_hash"]
     assert record["params_hash"] == tags["params_hash"]
     assert record["code"]["snapshot"] == tags["code_hash"]
-    assert record["stages"]["train"] == {"state": "Completed",
-                                         "outputs": {"model": tags["model_oid"]}}
+    assert list(record["stages"]) == STAGES
+    assert record["stages"]["train"]["state"] == "Completed"
+    assert record["stages"]["train"]["outputs"]["model"] == tags["model_oid"]
+    assert record["models"][0]["name"] == "issue-labeler" and record["models"][0]["promoted"]
     assert record["mlflow"]["model_version"] == "1" and record["trigger"]["kind"] == "user"
     from uncool_prefect.store import ObjectStore
 
@@ -293,7 +299,7 @@ def test_the_github_source_against_a_fake_api(project: Project) -> None:
     finally:
         server.shutdown()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"({len(examples)} examples)" in done.stdout  # the PR was skipped
+    assert f"{len(examples)} examples" in done.stderr  # get-data's log: the PR was skipped
     assert seen_auth and all(a == "Bearer ghp_test_token_never_printed" for a in seen_auth)
     assert "ghp_test_token_never_printed" not in done.stdout + done.stderr
 

@@ -89,7 +89,7 @@ import sys
 from pathlib import Path
 import prefect  # settings read now, with no API URL
 from uncool_prefect.project import runner
-from uncool_prefect.project.config import load_config
+from uncool_prefect.config import load_config
 config = load_config()
 params = runner.resolve_params(config, None, ["data.source=folder", f"data.folder.url={sys.argv[2]}",
                                               "train.sweep.grid.classifier=[logistic_regression]"])

@@ -83,7 +83,7 @@ class ContentAware(CachePolicy):
         Raises:
             ValueError: a path argument names nothing on disk.
         """
-        from .api import note_object_uses, note_path_input, replayed_path
+        from .recording import note_object_uses, note_path_input, replayed_path
 
         code_key = code_hash(task_ctx.task.fn, self.project_roots) if task_ctx else None
         task_name = task_ctx.task.name if task_ctx else "?"

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .project.config import find_root
+from .config import find_root
 from .store import ObjectStore
 
 

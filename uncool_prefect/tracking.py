@@ -41,7 +41,7 @@ def default_experiment() -> str:
     context = FlowRunContext.get()
     if context is not None and context.flow is not None:
         return str(context.flow.name)
-    from .project.config import find_root
+    from .config import find_root
 
     root = find_root()
     return root.name if root is not None else "uncool"
@@ -125,6 +125,7 @@ class Registration:
     metrics: dict[str, float]
     model_oid: str | None = None
     stage: str | None = None
+    tracking_uri: str | None = None
 
     @property
     def version(self) -> str:
@@ -134,9 +135,10 @@ class Registration:
     def promoted(self) -> bool:
         return self.decision.promoted
 
-    def as_record(self) -> dict[str, Any]:
-        """The registration as a run record keeps it."""
+    def model_record(self) -> dict[str, Any]:
+        """The registration as a run record keeps it (``models`` in the record)."""
         return {"name": self.name, "version": self.decision.version, "run_id": self.run_id,
+                "tracking_uri": self.tracking_uri,
                 "model_uri": self.model_uri, "metrics": self.metrics, "model_oid": self.model_oid,
                 "stage": self.stage,
                 **{k: v for k, v in self.decision.__dict__.items() if k != "version"}}
@@ -214,7 +216,7 @@ def register_model(model: Any, name: str, metrics: dict[str, float], *,
     """
     import mlflow
 
-    from .api import active_recorder
+    from .recording import active_recorder
 
     if not metrics:
         raise ValueError("register_model needs the model's metrics, e.g. {'accuracy': 0.91}")
@@ -250,9 +252,10 @@ def register_model(model: Any, name: str, metrics: dict[str, float], *,
     decision = _gate(name, str(version), {k: float(v) for k, v in metrics.items()}, gate)
     registration = Registration(name=name, decision=decision, run_id=run_id, model_uri=model_uri,
                                 metrics={k: float(v) for k, v in metrics.items()},
-                                model_oid=all_tags.get("model_oid"), stage=_stage_name())
+                                model_oid=all_tags.get("model_oid"), stage=_stage_name(),
+                                tracking_uri=mlflow_uri())
     if recorder is not None:
-        recorder.note_model(registration.as_record())
+        recorder.note_model(registration.model_record())
         _publish_report(registration, recorder.input_versions(), all_tags)
     return registration
 

@@ -47,9 +47,9 @@ def deploy(
     """
     from rich.table import Table
 
+    from ..config import load_config
     from ..events import WatchError
     from ..project import deploy as deploying
-    from ..project.config import load_config
     from ..store import ObjectStore
     from .common import out
 
@@ -97,9 +97,9 @@ def worker(
     UNCOOL_HOME set to this project's state folder so that every flow run
     records into the same MLflow database and data cache.
     """
+    from ..config import load_config
     from ..project import deploy as deploying
     from ..project import server
-    from ..project.config import load_config
     from .common import err
 
     config = load_config()

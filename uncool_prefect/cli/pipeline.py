@@ -43,8 +43,8 @@ def run(
     unchanged), the data version, the model decision, and where to look in
     the Prefect and MLflow UIs. Exit 1 if the pipeline failed.
     """
+    from ..config import load_config
     from ..project import runner
-    from ..project.config import load_config
 
     config = load_config()
     resolved = runner.resolve_params(config, params, list(set_))
@@ -78,6 +78,12 @@ def print_summary(outcome: Any, ui_url: str) -> None:
     cached = {entry.get("task") for entry in record.get("stages", {}).values()
               if entry.get("state") == "Cached"}
     for model in record.get("models", []):
+        metrics = model.get("metrics") or {}
+        if metrics:
+            out.print("metrics       " + ", ".join(f"{name} {value:.3f}"
+                                                    for name, value in sorted(metrics.items())[:6])
+                      + (f" (and {len(metrics) - 6} more)" if len(metrics) > 6 else ""),
+                      markup=False)
         out.print(f"model         {model['name']} v{model['version']}: {model.get('reason')}",
                   markup=False)
     if record.get("models") and cached and outcome.all_cached:
@@ -111,7 +117,7 @@ def init(dest: Path, /) -> None:
 
 
 def _model_name(model_name: str | None, what: str) -> str:
-    from ..project.config import load_config
+    from ..config import load_config
 
     return model_name or load_config().require_model(what)
 

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from ..config import ProjectConfig
 from ..settings import get_settings
 from ..store import ObjectRef, ObjectStore
 from ..store.objects import cache_dir
 from . import server
-from .config import ProjectConfig
 
 POOL = "uncool-local"
 WATCH_FLOW = "uncool-watch"

@@ -15,7 +15,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from .config import PYPROJECT, ProjectError, config_of, find_root
+from ..config import PYPROJECT, ProjectError, config_of, find_root
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "_example"
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import ProjectConfig
+from ..params import ParamsError, apply_overrides, load_params
 from . import server
-from .config import ProjectConfig
-from .params import ParamsError, apply_overrides, load_params
 
 
 class PipelineError(RuntimeError):
@@ -113,10 +113,10 @@ class _QuietClearErrors(logging.Filter):
 def is_clear_error(exc: BaseException | None) -> bool:
     """Errors whose message says what to fix: shown as one line, without a traceback."""
     from ..compute import ComputeError
+    from ..config import ProjectError
     from ..events import WatchError
     from ..sources import DataError
     from ..store import StoreError
-    from .config import ProjectError
 
     return isinstance(exc, (StoreError, ParamsError, DataError, ComputeError, ProjectError,
                             PipelineError, server.ServerError, WatchError))

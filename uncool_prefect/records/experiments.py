@@ -19,7 +19,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from ..project.params import diff_params
+from ..params import diff_params
 from ..store import ObjectStore
 from . import targets as lineage
 from .run_record import data_version

@@ -22,7 +22,7 @@ from typing import Any
 
 from rich.tree import Tree
 
-from ..project.params import flatten
+from ..params import flatten
 from ..store import InvalidKeyError, ObjectStore, StoreError, parse_oid
 from .run_record import data_version, input_versions
 from .targets import iter_records, resolve_target

@@ -4,7 +4,7 @@ The recorded code snapshot and every recorded input are materialized from the
 store; the recorded pipeline runs again from that code (in a subprocess whose
 import path puts the snapshot first), with the recorded parameters, the cache
 bypassed, and each stage's path argument replaced by its recorded data
-(:data:`~uncool_prefect.api.REPLAY_INPUTS_ENV`). Then every object each stage
+(:data:`REPLAY_INPUTS_ENV`, read by ``@stage``). Then every object each stage
 produced is compared with the recorded one. Registering a model is a side
 effect, so the reproduction registers into a scratch MLflow store and the
 registering stage is reported, not compared.
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..api import REPLAY_INPUTS_ENV
+from ..recording import REPLAY_INPUTS_ENV
 from ..store import ObjectStore, StoreError
 from .run_record import input_versions, snapshot_environment
 from .targets import resolve_target
@@ -38,7 +38,7 @@ class NotReproducibleError(StoreError):
 _RUN_RECORDED = """
 import json, sys
 from pathlib import Path
-from uncool_prefect.project.config import config_of
+from uncool_prefect.config import config_of
 from uncool_prefect.project.runner import load_flow
 code, params_file = sys.argv[1:3]
 flow = load_flow(config_of(Path(code)))

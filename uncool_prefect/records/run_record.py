@@ -35,14 +35,14 @@ import time
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..recording import Recorder, StageRun
 from ..store import ObjectStore
 
-if TYPE_CHECKING:
-    from ..api import Recorder, StageRun
-
 RECORD_VERSION = 2
+
+
 CODE_SUFFIXES = (".py", ".yaml", ".yml", ".toml", ".json", ".cfg", ".txt", ".md")
 SKIPPED_DIRS = {"__pycache__", "node_modules", "venv", "site-packages"}
 
@@ -83,9 +83,7 @@ def project_code(source_file: str | None) -> tuple[dict[str, Path], dict[str, Pa
     the snapshot is a project again; outside one, the file's folder. This
     plugin's own modules always go along as ``uncool_prefect/``.
     """
-    import uncool_prefect
-
-    from ..project.config import PYPROJECT, config_for_file
+    from ..config import PYPROJECT, config_for_file
 
     roots: dict[str, Path] = {}
     files: dict[str, Path] = {}
@@ -97,7 +95,7 @@ def project_code(source_file: str | None) -> tuple[dict[str, Path], dict[str, Pa
             files[PYPROJECT] = config.root / PYPROJECT
         else:
             roots["."] = folder
-    roots["uncool_prefect"] = Path(uncool_prefect.__file__).parent
+    roots["uncool_prefect"] = Path(__file__).resolve().parents[1]  # this plugin
     return roots, files
 
 
@@ -172,8 +170,6 @@ def _plain_task_runs(flow_run_id: str, known: set[str]) -> list[StageRun]:
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from ..api import StageRun
-
     try:
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(
@@ -221,9 +217,7 @@ def write_run_record(recorder: Recorder, *, started: float, error: BaseException
     from prefect.context import FlowRunContext
     from prefect.logging import get_run_logger
 
-    from .. import tracking
-    from ..project.config import config_for_file
-    from ..settings import get_settings
+    from ..config import config_for_file
 
     context = FlowRunContext.get()
     flow_run = context.flow_run if context else None
@@ -241,7 +235,6 @@ def write_run_record(recorder: Recorder, *, started: float, error: BaseException
     config = config_for_file(source_file) if source_file else None
     models = list(recorder.models)
     last = models[-1] if models else None
-    home = get_settings().home
     record = {
         "version": RECORD_VERSION,
         "flow_run_id": flow_run_id,
@@ -262,7 +255,7 @@ def write_run_record(recorder: Recorder, *, started: float, error: BaseException
         "models": models,
         "mlflow": {} if last is None else {
             "run_id": last.get("run_id"), "model_name": last.get("name"),
-            "model_version": last.get("version"), "tracking_uri": tracking.tracking_uri(home)},
+            "model_version": last.get("version"), "tracking_uri": last.get("tracking_uri")},
         "store": store.url,
     }
     url = store.put_run_record(flow_run_id, record)

@@ -37,7 +37,7 @@ def _model_version_run(target: str, home: Path) -> str:
     from .. import tracking
 
     if target == "champion":
-        from ..project.config import load_config
+        from ..config import load_config
 
         model = load_config().require_model("`champion`")
     tracking.configure(home)
