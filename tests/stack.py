@@ -56,7 +56,8 @@ class AutomationStack:
         self.worker: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        done = self.project.uncool("deploy", "--watch", str(self.project.data))
+        # The dataset's name is what the on-new-data trigger of deployments/prefect.yaml matches.
+        done = self.project.uncool("deploy", "--watch", str(self.project.data), "--name", "issues")
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         self.deploy_output = done.stdout
         with open(self.log_dir / "worker.log", "wb") as log:

@@ -53,14 +53,14 @@ def test_new_data_trains_evaluates_and_deploys_by_itself(stack: AutomationStack)
     new_dataset = store.hash_path(project.data)
     assert second.parameters["dataset"] == new_dataset != first.parameters["dataset"]
     record = store.get_run_record(str(second.id))
-    assert record["inputs"]["data"] == new_dataset
+    assert record["data"] == new_dataset
     assert record["trigger"]["kind"] == "event"
     assert record["stages"]["get-data"]["state"] == "Completed"
     # Promoted or not, the report says which and why.
     report = str(latest_artifact("issue-labeler-report").data)
     version = record["mlflow"]["model_version"]
     assert f"v{version}: " in report and "**Why:**" in report
-    assert ("promoted to **champion**" in report) == record["stages"]["deploy"]["outputs"]["promoted"]
+    assert ("promoted to **champion**" in report) == record["models"][0]["promoted"]
     assert new_dataset in report
 
     # The same content again, under new names: announced never, run never.
@@ -86,7 +86,7 @@ def test_new_data_trains_evaluates_and_deploys_by_itself(stack: AutomationStack)
                          180, "the daily run to finish", interval=0.5)[0]
     assert daily_run.state.is_completed(), stack.worker_log()[-4000:]
     daily_record = store.get_run_record(str(daily_run.id))
-    assert daily_record["inputs"]["data"] == new_dataset
+    assert daily_record["data"] == new_dataset
     assert {s["state"] for s in daily_record["stages"].values()} == {"Cached"}
 
 

@@ -33,13 +33,15 @@ from typing import Any
 import pytest
 from project import Project
 
-from uncool_prefect.reports import CONFUSION_KEY, METRICS_KEY, REPORT_KEY
+from uncool_prefect.reports import artifact_key
 from uncool_prefect.sources import write_sample
 
 pytestmark = pytest.mark.slow
 
 FLOW = "train-evaluate-deploy"
 STAGES = ["get-data", "split", "train", "evaluate", "deploy"]
+REPORT_KEY, METRICS_KEY, CONFUSION_KEY = (artifact_key("issue-labeler", kind)
+                                          for kind in ("report", "metrics", "confusion"))
 ARTIFACT_KEYS = [REPORT_KEY, METRICS_KEY, CONFUSION_KEY]
 WIDTH, HEIGHT = 1400, 900
 PAGE_DEADLINE_S = 45.0

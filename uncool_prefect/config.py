@@ -2,9 +2,10 @@
 
 ```toml
 [tool.uncool]
-pipeline = "flows/pipeline.py:train_evaluate_deploy"   # entrypoint, as in prefect.yaml
-params = "flows/params.yaml"                            # optional: the flow's parameters
-model = "issue-labeler"                                 # optional: the registry name of its model
+pipeline = "flows/train.py:train"   # entrypoint, as in prefect.yaml
+params = "flows/params.yaml"         # optional: its top-level keys are the flow's parameters
+model = "my-model"                   # optional: the registry name of its model
+deployments = "deployments/prefect.yaml"   # optional: what `uncool deploy` applies (this default)
 ```
 
 The project folder is the nearest folder at or above the working folder whose

@@ -15,8 +15,8 @@ once per content: the last content it announced is a ref in the store
 a new name emits nothing. A deployment trigger on that event runs the pipeline
 on exactly the snapshot that was announced, whatever lands in the folder later.
 
-    uncool watch data/issues              # as a long-running process
-    prefect deployment run uncool-watch/watch-issues -p url=...   # as a flow run
+    uncool watch data/NAME                # as a long-running process
+    prefect deployment run uncool-watch/<deployment> -p url=...   # as a flow run
 """
 
 from __future__ import annotations

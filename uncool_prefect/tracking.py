@@ -233,23 +233,21 @@ def register_model(model: Any, name: str, metrics: dict[str, float], *,
         # The model by content in the store too: `uncool predict` loads it verified.
         all_tags["model_oid"] = recorder.store.put_bytes(pickle.dumps(model, protocol=5)).oid
     if isinstance(model, str):
-        model_uri = model
-        run_id = model.split("/")[1] if model.startswith("runs:/") else ""
-        if run_id:
-            from mlflow import MlflowClient
-
-            client = MlflowClient()
-            for metric, value in metrics.items():
-                client.log_metric(run_id, metric, float(value))
+        model_uri = model  # logged already: its run is the one the version names
     else:
-        with mlflow.start_run(run_name=f"register-{name}", nested=mlflow.active_run() is not None) as run:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        with mlflow.start_run(run_name=f"register-{name}", nested=mlflow.active_run() is not None):
             mlflow.set_tags(all_tags)
-            logged = (flavor or _sklearn()).log_model(model, name="model")
-            model_uri, run_id = logged.model_uri, run.info.run_id
-    version = mlflow.register_model(model_uri, name,
-                                    tags={**all_tags, "mlflow_run_id": run_id}).version
-    decision = _gate(name, str(version), {k: float(v) for k, v in metrics.items()}, gate)
+            model_uri = (flavor or _sklearn()).log_model(model, name="model").model_uri
+    registered = mlflow.register_model(model_uri, name, tags=all_tags)
+    version, run_id = str(registered.version), str(registered.run_id or "")
+    if run_id:
+        # NOTE: the gate reads a champion's metrics from its run, as MLflow's UI shows them.
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
+        client.set_model_version_tag(name, version, "mlflow_run_id", run_id)
+    decision = _gate(name, version, {k: float(v) for k, v in metrics.items()}, gate)
     registration = Registration(name=name, decision=decision, run_id=run_id, model_uri=model_uri,
                                 metrics={k: float(v) for k, v in metrics.items()},
                                 model_oid=all_tags.get("model_oid"), stage=_stage_name(),
@@ -276,6 +274,14 @@ def _stage_name() -> str | None:
 
     context = TaskRunContext.get()
     return context.task.name if context is not None else None
+
+
+def _metric(name: str, value: float) -> Any:
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key=name, value=float(value), timestamp=int(time.time() * 1000), step=0)
 
 
 def _sklearn() -> Any:

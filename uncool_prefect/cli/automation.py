@@ -50,7 +50,6 @@ def deploy(
     from ..config import load_config
     from ..events import WatchError
     from ..project import deploy as deploying
-    from ..store import ObjectStore
     from .common import out
 
     config = load_config()
@@ -61,9 +60,9 @@ def deploy(
     out.print(f"Prefect server  {info}")
     with prefect_at(info):
         out.print(f"work pool       {POOL} ({deploying.ensure_work_pool(POOL)})")
-        store_url = deploying.register_blocks()
-        out.print(f"store block     content-addressed-storage/{_block()} -> {store_url}")
-        code = deploying.publish_code(ObjectStore(store_url), config)
+        store = deploying.register_blocks()
+        out.print(f"store block     content-addressed-storage/{_block()} -> {store.url}")
+        code = deploying.publish_code(store, config)
         out.print(f"code            {code.name} ({code.nfiles} files, refs/{deploying.CODE_REF})")
         deploying.apply_deployments(config, info)
         table = Table(title="deployments", show_header=True)

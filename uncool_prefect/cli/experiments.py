@@ -45,7 +45,7 @@ def show(
         help="Run to compare configs against: a flow run id, 'champion', models:/NAME/N, "
              "models:/NAME@alias or an object id. Default: the oldest run shown.")] = None,
     flow: Annotated[str | None, Parameter(
-        help="Only runs of this flow, e.g. train-evaluate-deploy.")] = None,
+        help="Only runs of this flow (its name, as exp show prints it).")] = None,
     since: Annotated[str | None, Parameter(
         help="Only runs started since: a duration ago (30m, 2h, 1d, 1w) or an ISO date "
              "(UTC unless it has an offset).")] = None,

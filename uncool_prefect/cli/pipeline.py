@@ -17,6 +17,7 @@ from rich.table import Table
 from ..settings import get_settings
 from .common import Basepath, app, err, open_cli_store, out
 
+SHOWN_METRICS = 3
 ModelName = Annotated[str | None, Parameter(
     help="Registered model name; default: model in [tool.uncool].")]
 
@@ -80,10 +81,11 @@ def print_summary(outcome: Any, ui_url: str) -> None:
     for model in record.get("models", []):
         metrics = model.get("metrics") or {}
         if metrics:
-            out.print("metrics       " + ", ".join(f"{name} {value:.3f}"
-                                                    for name, value in sorted(metrics.items())[:6])
-                      + (f" (and {len(metrics) - 6} more)" if len(metrics) > 6 else ""),
-                      markup=False)
+            # The gate's metric first; the rest are in `uncool exp show`.
+            names = sorted(metrics, key=lambda n: (n != model.get("metric"), n))[:SHOWN_METRICS]
+            more = len(metrics) - len(names)
+            out.print("metrics       " + ", ".join(f"{n} {metrics[n]:.3f}" for n in names)
+                      + (f" (+{more} in uncool exp show)" if more else ""), markup=False)
         out.print(f"model         {model['name']} v{model['version']}: {model.get('reason')}",
                   markup=False)
     if record.get("models") and cached and outcome.all_cached:

@@ -59,8 +59,8 @@ def block_register(name: str | None = None, /, *, basepath: Basepath = None) -> 
     NAME defaults to the store's own block, the one `uncool run` and the
     deployments use (UNCOOL_BLOCK, else uncool-<hash of the store URL>).
     """
-    from .blocks import ContentAddressedStorage
-    from .cli_automation import prefect_at, server_api_url
+    from ..blocks import ContentAddressedStorage
+    from .automation import prefect_at, server_api_url
 
     settings = get_settings(store=basepath) if basepath else get_settings()
     url = basepath or settings.store_url

@@ -113,12 +113,12 @@ def ensure_work_pool(name: str = POOL) -> str:
     return "exists"
 
 
-def register_blocks() -> str:
-    """Register the block types and point the store block at the project's store."""
+def register_blocks() -> ObjectStore:
+    """Register the block types and point the store block at the project's store; that store."""
     from ..blocks import ContentAddressedStorage, ensure_store_block
 
     ContentAddressedStorage.register_type_and_schema()
-    return ensure_store_block(get_settings().block).url
+    return ensure_store_block(get_settings().block)
 
 
 def apply_deployments(config: ProjectConfig, api_url: str) -> str:

@@ -1,0 +1,5 @@
+"""`python -m uncool_prefect.cli`: the `uncool` command."""
+
+from . import main
+
+main()
