@@ -106,10 +106,15 @@ def test_bad_input_is_one_clear_line(basepath: str, args: list[str], message: st
 
 
 def test_every_command_explains_itself() -> None:
-    for args in (["--help"], ["store", "--help"], ["store", "gc", "--help"],
-                 ["server", "--help"], ["demo", "--help"]):
+    commands = ["run", "init", "predict", "serve", "reproduce", "lineage", "checkout", "diff",
+                "deploy", "worker", "watch", "sample-data", "demo"]
+    for args in (["--help"], ["store", "--help"], ["store", "gc", "--help"], ["server", "--help"],
+                 ["exp", "show", "--help"], ["block", "register", "--help"],
+                 *([command, "--help"] for command in commands)):
         done = uncool(*args, check=True)
-        assert "Usage:" in done.stdout
+        assert "Usage:" in done.stdout, args
+    listing = uncool("--help", check=True).stdout
+    assert all(command in listing for command in [*commands, "store", "server", "block", "exp"])
 
 
 def test_uncool_store_env_sets_the_default_store(tmp_path: Path) -> None:

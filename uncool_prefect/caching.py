@@ -92,7 +92,7 @@ class ContentAware(CachePolicy):
         def content_id(path: str, name: str) -> str:
             # In a @pipeline run the path is stored as it is hashed, and noted
             # as an input of the run: the data is read once for both.
-            noted = note_path_input(task_name, run_id, name, path)
+            noted = note_path_input(run_id, name, path)
             if noted is not None:
                 return noted
             hashing = self._store()

@@ -26,14 +26,6 @@ TABLE = "tool.uncool"
 DEFAULT_DEPLOYMENTS = "deployments/prefect.yaml"
 KNOWN_KEYS = ("pipeline", "params", "model", "deployments")
 
-EXAMPLE_TABLE = (
-    '[tool.uncool]\n'
-    'pipeline = "flows/pipeline.py:my_flow"   # the file and the @pipeline (or @flow) in it\n'
-    'params = "flows/params.yaml"             # optional: its top-level keys are the flow\'s parameters\n'
-    'model = "my-model"                       # optional: the MLflow registry name of its model'
-)
-
-
 class ProjectError(LookupError):
     """No project here, or its ``[tool.uncool]`` table is wrong; the message says what to add."""
 
@@ -85,9 +77,10 @@ def load_config(start: Path | None = None) -> ProjectConfig:
     if root is None:
         where = (start or Path.cwd()).absolute()
         raise ProjectError(
-            f"no uncool project at {where} or above: no pyproject.toml with a [tool.uncool] "
-            f"table. Add one to your project's pyproject.toml:\n{EXAMPLE_TABLE}\n"
-            "or start from the example: uncool init DIR"
+            f"no uncool project at {where} or above: add a [tool.uncool] table to the project's "
+            'pyproject.toml naming its flow, e.g. pipeline = "flows/train.py:my_flow" (optional: '
+            'params = "flows/params.yaml", model = "my-model"), or start from the example with '
+            "`uncool init DIR`"
         )
     return config_of(root)
 
@@ -120,7 +113,7 @@ def _parse(root: Path, table: dict[str, Any]) -> ProjectConfig:
                                f"got {table[key]!r}")
     entry = table.get("pipeline")
     if not entry:
-        raise ProjectError(f"{where} has no pipeline; add the flow to run, e.g.\n"
+        raise ProjectError(f'{where} has no pipeline; add the flow to run, e.g. '
                            'pipeline = "flows/pipeline.py:my_flow"')
     path, sep, function = str(entry).rpartition(":")
     if not sep or not path.endswith(".py") or not function.isidentifier():

@@ -198,7 +198,7 @@ def replayed_path(task_name: str, argument: str, value: Any) -> Any:
     return Path(replacement) if isinstance(value, os.PathLike) else replacement
 
 
-def note_path_input(task_name: str, task_run_id: str | None, argument: str, path: str) -> str | None:
+def note_path_input(task_run_id: str | None, argument: str, path: str) -> str | None:
     """Store a stage's path argument and note it as an input of the run.
 
     Returns ``"<algorithm>:<object id>"``, or None outside a pipeline run.

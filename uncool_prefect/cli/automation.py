@@ -1,6 +1,6 @@
 """``uncool deploy``, ``uncool worker`` and ``uncool watch``: the pipeline without anyone running it.
 
-Registered with ``app.command(...)`` in cli.py. Errors whose message says what
+Errors whose message says what
 to do (:class:`~uncool_prefect.deploy.DeployError`,
 :class:`~uncool_prefect.events.WatchError`, server errors) print as one line.
 """
@@ -18,6 +18,7 @@ from typing import Annotated
 from cyclopts import Parameter
 
 from ..project.deploy import POOL, WORKER_QUERY_SECONDS
+from .common import app
 
 Name = Annotated[str | None, Parameter(help="Dataset name: events are about uncool.dataset.NAME, "
                                             "which the deployments' triggers match. Default: the "
@@ -28,6 +29,7 @@ def _dataset_name(name: str | None, url: str) -> str:
     return name or url.rstrip("/").rsplit("/", 1)[-1]
 
 
+@app.command
 def deploy(
     *,
     watch: Annotated[str | None, Parameter(
@@ -83,6 +85,7 @@ def deploy(
     return 0
 
 
+@app.command
 def worker(
     *,
     pool: Annotated[str, Parameter(help="Work pool to take runs from.")] = POOL,
@@ -112,6 +115,7 @@ def worker(
     os.execve(command[0], command, env)
 
 
+@app.command
 def watch(
     url: Annotated[str, Parameter(help="A local folder or s3://bucket/prefix.")],
     /,
