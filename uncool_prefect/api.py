@@ -36,13 +36,13 @@ still a Task and a Flow (``.submit``, ``.map``, ``.serve``, ``.deploy``,
 
 from __future__ import annotations
 
-import contextvars
+import contextlib
 import functools
 import inspect
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
@@ -190,8 +190,8 @@ def _recording(fn: Callable[..., Any]) -> Callable[..., Any]:
     signature = inspect.signature(fn)
     source_file = inspect.getsourcefile(fn)
 
-    def start(args: tuple[Any, ...], kwargs: dict[str, Any]
-              ) -> tuple[inspect.BoundArguments, Recorder, contextvars.Token[Recorder | None], float]:
+    @contextlib.contextmanager
+    def recorded(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[inspect.BoundArguments]:
         from .blocks import ensure_store_block
 
         bound = signature.bind(*args, **kwargs)
@@ -200,41 +200,29 @@ def _recording(fn: Callable[..., Any]) -> Callable[..., Any]:
         store = ensure_store_block(get_settings().block)
         recorder = Recorder(store, params=_json_safe(dict(bound.arguments)), source_file=source_file,
                             snapshot_code=lambda: snapshot_code(store, *project_code(source_file)))
-        return bound, recorder, start_recording(recorder), time.time()
-
-    def finish(bound: inspect.BoundArguments, recorder: Recorder, started: float,
-               failed: BaseException | None) -> None:
-        if failed is not None and not recorder.stages:
-            return  # it stopped before any stage ran: nothing to record
-        write_run_record(recorder, started=started, error=failed)
+        started, token = time.time(), start_recording(recorder)
+        try:
+            yield bound
+        except BaseException as exc:
+            if recorder.stages:  # one that stopped before any stage ran has nothing to record
+                write_run_record(recorder, started=started, error=exc)
+            raise
+        else:
+            write_run_record(recorder, started=started, error=None)
+        finally:
+            stop_recording(token)
 
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def run_async(*args: Any, **kwargs: Any) -> Any:
-            bound, recorder, token, started = start(args, kwargs)
-            try:
-                result = await fn(*bound.args, **bound.kwargs)
-            except BaseException as exc:
-                finish(bound, recorder, started, exc)
-                raise
-            finally:
-                stop_recording(token)
-            finish(bound, recorder, started, None)
-            return result
+            with recorded(args, kwargs) as bound:
+                return await fn(*bound.args, **bound.kwargs)
         return run_async
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        bound, recorder, token, started = start(args, kwargs)
-        try:
-            result = fn(*bound.args, **bound.kwargs)
-        except BaseException as exc:
-            finish(bound, recorder, started, exc)
-            raise
-        finally:
-            stop_recording(token)
-        finish(bound, recorder, started, None)
-        return result
+        with recorded(args, kwargs) as bound:
+            return fn(*bound.args, **bound.kwargs)
     return run
 
 
