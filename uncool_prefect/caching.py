@@ -87,7 +87,8 @@ class ContentAware(CachePolicy):
 
         code_key = code_hash(task_ctx.task.fn, self.project_roots) if task_ctx else None
         task_name = task_ctx.task.name if task_ctx else "?"
-        run_id = str(task_ctx.task_run.id) if task_ctx else None
+        task_run = getattr(task_ctx, "task_run", None)  # a key can be asked for outside a run
+        run_id = str(task_run.id) if task_run is not None else None
 
         def content_id(path: str, name: str) -> str:
             # In a @pipeline run the path is stored as it is hashed, and noted
