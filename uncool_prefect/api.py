@@ -64,17 +64,30 @@ from .settings import get_settings
 from .store import ObjectStore
 
 F = TypeVar("F", bound=Callable[..., Any])
+BLOCK_SLUG = "content-addressed-storage"
 
 
 def get_store() -> ObjectStore:
     """The project's object store, for files and folders in stages (``put_dir``, ``get_bytes``...).
 
-    Inside a pipeline run, the store its results go to; elsewhere, the one the
-    ``UNCOOL_*`` settings name, through the project's block when one is saved.
+    Inside a pipeline run, the store its results go to. In a stage that runs
+    elsewhere (a Dask worker, with settings of its own), the store of the
+    stage's result storage, as the flow's process named it. Otherwise the one
+    the ``UNCOOL_*`` settings name, through the project's block when one is saved.
     """
+    from prefect.context import TaskRunContext
+
+    from .blocks import ContentAddressedStorage
+
     recorder = active_recorder()
     if recorder is not None:
         return recorder.store
+    context = TaskRunContext.get()
+    storage = getattr(getattr(context, "task", None), "result_storage", None)
+    if isinstance(storage, ContentAddressedStorage):
+        return storage.store
+    if isinstance(storage, str) and storage.startswith(BLOCK_SLUG + "/"):
+        return _block_store(storage.removeprefix(BLOCK_SLUG + "/"))
     return _block_store(get_settings().block)
 
 
@@ -132,7 +145,7 @@ def _replaying(fn: Callable[..., Any], task_name: Callable[[], str]) -> Callable
 
 def storage_slug() -> str:
     """The result storage of stages: the project's ContentAddressedStorage block, by name."""
-    return f"content-addressed-storage/{get_settings().block}"
+    return f"{BLOCK_SLUG}/{get_settings().block}"
 
 
 @overload
