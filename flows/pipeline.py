@@ -35,6 +35,7 @@ from uncool_prefect import (
     stage,
     tracking,
 )
+from uncool_prefect.params import ParamsError
 from uncool_prefect.settings import get_settings
 from uncool_prefect.sources import (
     DataError,
@@ -317,7 +318,11 @@ def train_evaluate_deploy(data: dict[str, Any] | None = None, split: dict[str, A
             ``uncool.dataset.updated`` event, or ``watch:<name>`` for the
             snapshot the watcher of <name> announced last; wins over ``data``.
     """
-    assert data and split and train and deploy, "params.yaml sections missing"
+    missing = [name for name, section in (("data", data), ("split", split), ("train", train),
+                                          ("deploy", deploy)) if not section]
+    if missing:
+        raise ParamsError(f"the pipeline needs the params sections {', '.join(missing)}; "
+                          "run it with flows/params.yaml (uncool run) or pass them")
     # NOTE: deployment triggers pass "" for a payload field that is missing.
     snapshot = resolve_dataset(dataset) if dataset else None
     replayed = replayed_input("get-data", "source")  # `uncool reproduce`: the recorded data

@@ -45,6 +45,7 @@ from .errors import (
     ObjectNotFoundError,
     StoreError,
 )
+from .gc import collect_garbage
 from .hashing import (
     ALGORITHMS,
     CHUNK_SIZE,
@@ -740,8 +741,6 @@ class ObjectStore:
     def gc(self, grace: float = 3600.0, keep: Iterable[str] = (),
            dry_run: bool = False) -> Any:
         """Delete what no ref, run record or ``keep`` id reaches; see :mod:`gc`."""
-        from .gc import collect_garbage
-
         return collect_garbage(self, grace=grace, keep=keep, dry_run=dry_run)
 
     def hash_path(self, path: str | os.PathLike[str]) -> str:
