@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> None:
 
     from uncool_prefect import compute, get_store
     from uncool_prefect.blocks import ensure_store_block
-    from uncool_prefect.project import runner
     from uncool_prefect.config import config_of
+    from uncool_prefect.project import runner
     from uncool_prefect.settings import get_settings
     from uncool_prefect.sources import load_examples, write_sample
 
