@@ -72,6 +72,20 @@ def test_verify_exits_1_and_names_the_corrupt_object(tmp_path: Path, basepath: s
     assert "1 damaged object(s)" in done.stderr
 
 
+def test_cat_writes_nothing_of_a_damaged_object(tmp_path: Path, basepath: str) -> None:
+    source = tmp_path / "model.bin"
+    source.write_bytes(b"weights" * 500_000)  # 3.5 MB: many chunks
+    oid = uncool("store", "put", str(source), "--basepath", basepath, check=True).stdout.strip()
+    stored = Path(basepath) / "objects" / "sha256" / oid[:2] / oid[2:]
+    stored.chmod(0o644)
+    stored.write_bytes(b"weightz" + stored.read_bytes()[7:-1])  # flipped at the start, truncated
+    done = subprocess.run([UNCOOL, "store", "cat", oid, "--basepath", basepath],
+                          capture_output=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stdout == b""  # not one unverified byte
+    assert oid in done.stderr.decode() and b"Traceback" not in done.stderr
+
+
 def test_verify_counts_a_file_missing_from_two_folders_once(tmp_path: Path, basepath: str) -> None:
     for name in ("day1", "day2"):
         (tmp_path / name).mkdir()

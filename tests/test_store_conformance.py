@@ -185,6 +185,19 @@ def test_flipped_byte_is_never_returned(store: ObjectStore, tmp_path: Path) -> N
     assert b"b" not in received  # the flipped byte sits in the last chunk: withheld
 
 
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_verify_first_hands_over_no_byte_of_a_damaged_object(store: ObjectStore, damage: str) -> None:
+    """The mode `uncool store cat` uses: the error comes before the first byte, not after most."""
+    payload = bytes(range(256)) * (3 * 4096 + 7)  # ~3 MiB: several chunks
+    ref = store.put_bytes(payload)
+    _corrupt(store, ref.oid, b"X" + payload[1:] if damage == "flipped" else payload[: len(payload) // 3])
+    with pytest.raises(CorruptObjectError, match=ref.oid):
+        store.open(ref.oid, verify_first=True)
+    good = store.put_bytes(payload)  # healed: the damaged copy was moved aside
+    with store.open(good.oid, verify_first=True) as stream:
+        assert stream.read() == payload
+
+
 def test_verify_lists_flipped_and_truncated_objects(store: ObjectStore) -> None:
     good = store.put_bytes(b"good" * 100)
     flipped = store.put_bytes(b"flip" * 100)

@@ -55,7 +55,7 @@ def get(oid: str, dest: Path, /, *, basepath: Basepath = None) -> None:
 
 @store_app.command
 def cat(oid: str, /, *, basepath: Basepath = None) -> None:
-    """Write an object's bytes to stdout (verified; a .dir prints its manifest).
+    """Write an object's bytes to stdout, verified before the first byte (a .dir prints its manifest).
 
     Parameters
     ----------
@@ -63,9 +63,9 @@ def cat(oid: str, /, *, basepath: Basepath = None) -> None:
         Object id as printed by `uncool store put`.
     """
     store = open_cli_store(basepath)
-    with store.open(oid) as stream:
-        # NOTE: the final chunk is only released after the hash check, so a
-        # corrupt object ends with an error instead of a silent bad tail.
+    # NOTE: the whole object is verified before its first byte is written:
+    # a damaged one writes nothing and ends with the error.
+    with store.open(oid, verify_first=True) as stream:
         while chunk := stream.read(1 << 20):
             sys.stdout.buffer.write(chunk)
     sys.stdout.buffer.flush()

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -501,19 +502,48 @@ class ObjectStore:
         return _DirPlan(entries=entries, new_objects=len(entries))
 
     # -- get -----------------------------------------------------------------
-    def open(self, oid: str, *, quarantine: bool = True) -> IO[bytes]:
-        """Open an object for a streamed read, verified against its id.
+    def open(self, oid: str, *, verify_first: bool = False, quarantine: bool = True) -> IO[bytes]:
+        """Open an object for reading, verified against its id.
 
-        The read that reaches the end raises :class:`CorruptObjectError` instead
-        of returning the last bytes if the content does not match; a consumer
-        that writes what it reads somewhere must only keep it after that read
-        (as :meth:`get_file` does).
+        Two modes, both raising :class:`CorruptObjectError` for damaged bytes:
+
+        - streaming (the default): bytes are handed over as they arrive and
+          hashed on the way; the read that reaches the end raises instead of
+          returning the last chunk. Everything before that chunk has been
+          handed over unverified, so a consumer that writes what it reads
+          somewhere must only keep it after that read (as :meth:`get_file`
+          does, writing beside the destination and renaming).
+        - ``verify_first=True``: the whole object is checked before the first
+          byte is returned (a local object is hashed in place, a remote one
+          spooled to a temporary file while it is hashed), so no unverified
+          byte ever reaches the caller. What ``uncool store cat`` uses.
 
         With ``quarantine`` (the default) a corrupt object is also moved aside
         to ``tmp/``: puts skip objects that exist, so leaving it in place would
         keep the damage forever, while moving it lets the next put of the same
         data (a cache miss recomputing it, say) heal the store.
         """
+        if not verify_first or not self.verify_reads:
+            return self._open_streaming(oid, quarantine=quarantine)
+        if self.backend.is_local:
+            with self._open_streaming(oid, quarantine=quarantine) as check:
+                while check.read(CHUNK_SIZE):
+                    pass  # raises at the end if the bytes do not match
+            # NOTE: stored objects are read-only; the stream is verified again anyway.
+            return self._open_streaming(oid, quarantine=quarantine)
+        spool_dir = cache_dir() / "spool"
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        spool = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 - handed to the caller, who closes it
+        try:
+            with self._open_streaming(oid, quarantine=quarantine) as stream:
+                shutil.copyfileobj(stream, spool, CHUNK_SIZE)
+            spool.seek(0)
+        except BaseException:
+            spool.close()
+            raise
+        return spool
+
+    def _open_streaming(self, oid: str, *, quarantine: bool) -> IO[bytes]:
         digest, is_dir = self._resolve(oid)
         rel = self._rel(digest, is_dir)
         stat = self.backend.stat(rel)
