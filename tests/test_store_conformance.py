@@ -12,6 +12,7 @@ from uncool_prefect.store import (
     CorruptObjectError,
     InvalidKeyError,
     ObjectNotFoundError,
+    ObjectRef,
     ObjectStore,
     StoreError,
 )
@@ -275,3 +276,16 @@ def test_hash_path_predicts_the_put_without_storing(store: ObjectStore, tmp_path
     assert _objects(store) == []
     assert store.put_dir(src).name == predicted_dir
     assert store.put_file(src / "b.txt").oid == predicted_file
+
+
+def test_gc_warns_of_a_missing_object_only_if_it_is_still_missing(
+        store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc lists objects before it reads refs: a writer's new object in between is no dangling ref."""
+    listing = list(store.ls())  # the listing gc takes first ...
+    fresh = store.put_bytes(b"written by a writer during gc")
+    store.set_ref("results/fresh", fresh)  # ... then the writer's object and its ref appear
+    store.set_ref("results/lost", ObjectRef(oid="0" * 64, size=1, algorithm=store.algorithm))
+    monkeypatch.setattr(store, "ls", lambda: iter(listing))
+    report = store.gc(grace=3600)
+    assert report.dangling == ["0" * 64]  # the one really missing, and only it
+    assert store.has(fresh.oid)

@@ -78,7 +78,9 @@ def _mark(store: ObjectStore, roots: set[str], mentions: set[str], existing: set
         if not is_dir and name not in existing and digest + DIR_SUFFIX in existing:
             name, is_dir = digest + DIR_SUFFIX, True
         if name not in existing:
-            if name in roots:
+            # NOTE: the listing came first; a writer may have added the object
+            # and its ref since. Only one still missing is worth a warning.
+            if name in roots and not store.has(name):
                 report.dangling.append(name)
             continue
         reachable.add(name)
