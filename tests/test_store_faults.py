@@ -751,3 +751,16 @@ def test_bad_ref_keys_are_rejected_before_any_io(tmp_path: Path, key: str) -> No
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert _files_under(root / "refs") == [root / "refs" / "good" / "key"]
     assert [k for k, _ in store.iter_refs()] == ["good/key"]
+
+
+def test_a_manifest_with_a_file_where_a_folder_must_be_is_a_store_error(tmp_path: Path) -> None:
+    """`a` and `a/b` cannot both be files: a clear StoreError, and nothing written at the destination."""
+    from uncool_prefect.store import Manifest, ManifestEntry
+
+    store = ObjectStore(tmp_path / "store", state_dir=tmp_path / "state")
+    blob = store.put_bytes(b"content")
+    entries = (ManifestEntry("a", blob.oid, blob.size), ManifestEntry("a/b", blob.oid, blob.size))
+    broken = store.put_bytes(Manifest(store.algorithm, entries).to_bytes(), is_dir=True)
+    with pytest.raises(StoreError, match="lists both the file 'a' and 'a/b'"):
+        store.get_dir(broken.name, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -524,6 +524,21 @@ def test_s3_gone_is_store_unavailable_naming_the_endpoint(
     assert not real.has(_oid(payload))
 
 
+def test_an_endpoint_from_the_environment_is_the_one_errors_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS_ENDPOINT_URL (the README's way to MinIO) is where requests go: errors say so."""
+    dead = _dead_endpoint()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    store = ObjectStore("s3://bucket/prefix", state_dir=tmp_path / "state",
+                        storage_options={"key": "testing", "secret": "testing"})
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailableError) as info:
+        store.has("0" * 64)
+    assert time.monotonic() - started < BOUNDED_S
+    assert f"(endpoint {dead})" in str(info.value) and "AWS S3" not in str(info.value)
+
+
 def test_connection_dropped_mid_upload_is_store_unavailable(
     proxy: FaultProxy, s3_bucket: str, tmp_path: Path
 ) -> None:

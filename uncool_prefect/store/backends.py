@@ -774,12 +774,14 @@ def _s3_defaults(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _endpoint_of(fs: Any) -> str | None:
+    """The endpoint requests go to, to name in errors: as configured, else as botocore finds it."""
     client_kwargs = getattr(fs, "client_kwargs", None) or {}
     endpoint = getattr(fs, "endpoint_url", None) or client_kwargs.get("endpoint_url")
     if endpoint:
         return str(endpoint)
     if getattr(fs, "protocol", None) and "s3" in fs.protocol:
-        return "AWS S3"
+        # NOTE: botocore reads these too (the service-specific one wins).
+        return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
     return None
 
 

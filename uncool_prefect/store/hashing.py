@@ -129,11 +129,26 @@ class Manifest:
                 )
                 for e in document["entries"]
             )
+            _check_no_clashes(entries, where)
             return cls(algorithm=document["algorithm"], entries=entries)
         except (ValueError, KeyError, TypeError) as exc:
             if isinstance(exc, InvalidKeyError):
                 raise StoreError(f"{where} lists an unsafe path: {exc}") from exc
             raise StoreError(f"{where} is not a valid directory manifest: {exc}") from exc
+
+
+def _check_no_clashes(entries: tuple[ManifestEntry, ...], where: str) -> None:
+    """A folder cannot hold a file twice, nor a file where another one needs a folder."""
+    paths = {entry.path for entry in entries}
+    if len(paths) != len(entries):
+        raise StoreError(f"{where} lists a path twice; it is damaged: put the folder again")
+    for path in paths:
+        parent = path.rpartition("/")[0]
+        while parent:
+            if parent in paths:
+                raise StoreError(f"{where} lists both the file {parent!r} and {path!r} inside it; "
+                                 "it is damaged: put the folder again")
+            parent = parent.rpartition("/")[0]
 
 
 def walk_files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
