@@ -11,6 +11,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import queue
 import random
@@ -764,3 +765,69 @@ def test_a_manifest_with_a_file_where_a_folder_must_be_is_a_store_error(tmp_path
     with pytest.raises(StoreError, match="lists both the file 'a' and 'a/b'"):
         store.get_dir(broken.name, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _garbage(db: Path) -> None:
+    db.write_bytes(os.urandom(8192))
+
+
+def _smashed_pages(db: Path) -> None:
+    data = bytearray(db.read_bytes())
+    data[len(data) // 2:] = os.urandom(len(data) - len(data) // 2)  # the header survives
+    db.write_bytes(bytes(data))
+
+
+def _a_folder_in_its_place(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    (db / "not-a-database").mkdir(parents=True)
+
+
+def _garbage_wal(db: Path) -> None:
+    db.with_name(db.name + "-wal").write_bytes(b"\x37\x7f\x06\x82" + os.urandom(8188))
+
+
+@pytest.mark.parametrize(("damage", "warned"), [
+    (_garbage, True), (_smashed_pages, True), (_a_folder_in_its_place, True),
+    # SQLite itself discards a -wal whose header does not check out: nothing to repair.
+    (_garbage_wal, False),
+], ids=["garbage", "smashed-pages", "folder", "garbage-wal"])
+def test_a_damaged_stat_cache_is_moved_aside_and_rebuilt_with_one_warning(
+        tmp_path: Path, damage: Callable[[Path], None], warned: bool,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Not silently off for good: the next put hashes once more, the one after reads nothing."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(_data(300_000, seed=21))
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(path, ns=(an_hour_ago, an_hour_ago))  # outside the racy window
+    for number in range(200):  # enough rows for pages past the header
+        other = tmp_path / "others" / f"{number}.bin"
+        other.parent.mkdir(exist_ok=True)
+        other.write_bytes(b"%d" % number)
+        os.utime(other, ns=(an_hour_ago, an_hour_ago))
+    first = ObjectStore(tmp_path / "store", state_dir=tmp_path / "state")
+    oid = first.put_file(path).oid
+    first.put_dir(tmp_path / "others")
+    first.stat_cache.close()  # as when that process ended
+    db = tmp_path / "state" / "statcache.db"
+    assert db.is_file()
+    damage(db)
+
+    store = ObjectStore(tmp_path / "store", state_dir=tmp_path / "state")  # a new process's view
+    with caplog.at_level(logging.WARNING, logger="uncool.store"):
+        store.put_dir(tmp_path / "others")  # a full scan of the cache meets every damaged page
+        assert store.put_file(path).oid == oid
+        assert store.put_file(path).oid == oid
+        with monkeypatch.context() as patch:
+            def no_read(*_args: object, **_kwargs: object) -> ObjectRef:
+                raise AssertionError("an unchanged file was read again: the cache is off for good")
+
+            patch.setattr(ObjectStore, "_ingest_file", no_read)
+            assert store.put_file(path).oid == oid
+    warnings = [r.getMessage() for r in caplog.records if r.name == "uncool.store"]
+    moved = list((tmp_path / "state").glob("statcache.db*.damaged-*"))
+    if warned:
+        assert len(warnings) == 1 and "moved it aside" in warnings[0], warnings
+        assert moved and db.is_file()
+    else:
+        assert warnings == [] and moved == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -22,6 +23,8 @@ from typing import Any, Protocol, cast
 
 from .errors import InvalidKeyError, StoreError
 from .keys import validate_relpath
+
+logger = logging.getLogger("uncool.store")
 
 CHUNK_SIZE = 1 << 20
 ALGORITHMS = ("sha256", "blake3")
@@ -182,14 +185,37 @@ class StatCache:
 
     Stored in SQLite so that every process on the machine shares it; an
     unchanged file is never read twice. A cache that cannot be opened or written
-    only costs speed, never correctness, so its errors are swallowed after the
-    first warning.
+    only costs speed, never correctness. A damaged one (garbage, smashed pages,
+    a folder in its place, a bad ``-wal``) is moved aside with one warning and
+    rebuilt from scratch; one that cannot be written at all (a read-only or full
+    disk) is turned off with one warning.
     """
 
     def __init__(self, db_path: Path) -> None:
         self.db_path = db_path
         self._local = threading.local()
         self._disabled = False
+        self._rebuilt = False
+        self._lock = threading.Lock()
+
+    def _open(self) -> sqlite3.Connection:
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS stat_cache ("
+                " path TEXT NOT NULL, algorithm TEXT NOT NULL,"
+                " inode INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
+                " size INTEGER NOT NULL, oid TEXT NOT NULL,"
+                " PRIMARY KEY (path, algorithm))"
+            )
+            conn.execute("SELECT count(*) FROM stat_cache WHERE rowid = 0").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _connect(self) -> sqlite3.Connection | None:
         if self._disabled:
@@ -197,24 +223,74 @@ class StatCache:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             try:
-                self.db_path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS stat_cache ("
-                    " path TEXT NOT NULL, algorithm TEXT NOT NULL,"
-                    " inode INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
-                    " size INTEGER NOT NULL, oid TEXT NOT NULL,"
-                    " PRIMARY KEY (path, algorithm))"
-                )
-            except (sqlite3.Error, OSError):
-                # NOTE: a read-only store or a full disk must fail on the object
-                # write, with the store's own error, not here on the cache.
-                self._disabled = True
-                return None
+                conn = self._open()
+            except (sqlite3.Error, OSError) as exc:
+                if not self._damaged(exc) or not self._rebuild(exc):
+                    self._disable(exc)
+                    return None
+                try:
+                    conn = self._open()
+                except (sqlite3.Error, OSError) as again:
+                    self._disable(again)
+                    return None
             self._local.conn = conn
         return conn
+
+    def close(self) -> None:
+        """Close this thread's connection (a later use opens a new one)."""
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def _damaged(self, exc: BaseException) -> bool:
+        """Damage to the cache's own files (rebuild it), not a disk that refuses writes."""
+        name = str(getattr(exc, "sqlite_errorname", ""))
+        if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_IOERR")):
+            return True  # "malformed", "file is not a database", a bad -wal or -shm
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            return True
+        return self.db_path.is_dir()  # "unable to open database file": a folder in its place
+
+    def _rebuild(self, exc: BaseException) -> bool:
+        """Move the damaged cache aside, once per process; True if a fresh one can be tried."""
+        with self._lock:
+            if self._rebuilt:
+                return False
+            self._rebuilt = True
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            moved = []
+            for suffix in ("", "-wal", "-shm"):
+                path = self.db_path.with_name(self.db_path.name + suffix)
+                if path.exists() or path.is_symlink():
+                    target = path.with_name(f"{path.name}.damaged-{stamp}")
+                    try:
+                        path.rename(target)
+                    except OSError:
+                        return False
+                    moved.append(target.name)
+        logger.warning("the stat cache %s was damaged (%s); moved it aside (%s) and started a "
+                       "new one: unchanged files are hashed once more, then remembered again",
+                       self.db_path, exc, ", ".join(moved) or "nothing to move")
+        return True
+
+    def _disable(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._disabled:
+                return
+            self._disabled = True
+        # NOTE: a read-only store or a full disk must fail on the object write,
+        # with the store's own error, not here on the cache.
+        logger.warning("the stat cache %s cannot be used (%s): files are hashed on every put "
+                       "until it can", self.db_path, exc)
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        """A query failed on an open cache: damaged pages are rebuilt, anything else ignored."""
+        if not self._damaged(exc):
+            return
+        self.close()
+        if not self._rebuild(exc):
+            self._disable(exc)
 
     def __getstate__(self) -> dict[str, Any]:
         # NOTE: SQLite connections live per thread and cannot be copied or
@@ -258,7 +334,8 @@ class StatCache:
             for path, inode, mtime_ns, size, oid in rows:
                 if wanted.get(path) == (inode, mtime_ns, size):
                     hits[path] = oid
-        except sqlite3.Error:
+        except sqlite3.Error as exc:
+            self._failed(exc)
             return {}
         return hits
 
@@ -286,8 +363,8 @@ class StatCache:
                 conn.executemany(
                     "INSERT OR REPLACE INTO stat_cache VALUES (?, ?, ?, ?, ?, ?)", rows
                 )
-        except sqlite3.Error:
-            pass
+        except sqlite3.Error as exc:
+            self._failed(exc)
 
     def record(
         self, path: str, st: os.stat_result, oid: str, algorithm: str, hashed_at_ns: int
