@@ -72,6 +72,23 @@ def test_verify_exits_1_and_names_the_corrupt_object(tmp_path: Path, basepath: s
     assert "1 damaged object(s)" in done.stderr
 
 
+def test_verify_repair_then_put_heals(tmp_path: Path, basepath: str) -> None:
+    """verify's own advice works: --repair moves the damage aside, a put of the original heals."""
+    source = tmp_path / "model.bin"
+    source.write_bytes(b"weights" * 1000)
+    oid = uncool("store", "put", str(source), "--basepath", basepath, check=True).stdout.strip()
+    stored = Path(basepath) / "objects" / "sha256" / oid[:2] / oid[2:]
+    stored.chmod(0o644)
+    stored.write_bytes(b"weightz" * 1000)
+    found = uncool("store", "verify", "--basepath", basepath)
+    assert found.returncode == 1 and "--repair" in found.stderr
+    repaired = uncool("store", "verify", "--repair", "--basepath", basepath)
+    assert repaired.returncode == 1 and "moved aside" in repaired.stdout
+    assert "quarantined: " + oid in uncool("store", "verify", "--basepath", basepath).stdout
+    uncool("store", "put", str(source), "--basepath", basepath, check=True)
+    assert "verified" in uncool("store", "verify", "--basepath", basepath, check=True).stdout
+
+
 def test_cat_writes_nothing_of_a_damaged_object(tmp_path: Path, basepath: str) -> None:
     source = tmp_path / "model.bin"
     source.write_bytes(b"weights" * 500_000)  # 3.5 MB: many chunks

@@ -289,3 +289,28 @@ def test_gc_warns_of_a_missing_object_only_if_it_is_still_missing(
     report = store.gc(grace=3600)
     assert report.dangling == ["0" * 64]  # the one really missing, and only it
     assert store.has(fresh.oid)
+
+
+def test_verify_repair_moves_damage_aside_so_a_put_heals_it(store: ObjectStore) -> None:
+    payload = b"weights" * 300
+    ref = store.put_bytes(payload)
+    _corrupt(store, ref.oid, b"weightz" * 300)
+    assert [p.kind for p in store.verify()] == ["corrupt"]
+    store.put_bytes(payload)  # without repair the damaged copy is "there": the put skips it
+    assert [p.kind for p in store.verify()] == ["corrupt"]
+
+    repaired = store.verify(repair=True)
+    assert [p.kind for p in repaired] == ["corrupt"] and "moved aside" in repaired[0].detail
+    assert [(p.kind, p.name) for p in store.verify()] == [("quarantined", ref.oid)]
+    store.put_bytes(payload)  # the original data again: healed
+    assert store.verify() == []
+    assert store.get_bytes(ref.oid) == payload
+
+
+def test_verify_lists_malformed_manifests_and_dangling_refs_and_goes_on(store: ObjectStore) -> None:
+    good = store.put_bytes(b"fine")
+    broken = store.put_bytes(b'{"not": "a manifest"}', is_dir=True)  # hashes right, is not one
+    store.set_ref("results/lost", ObjectRef(oid="1" * 64, size=3, algorithm=store.algorithm))
+    problems = {(p.kind, p.name) for p in store.verify()}
+    assert problems == {("malformed", broken.name), ("dangling", "1" * 64)}
+    assert store.get_bytes(good.oid) == b"fine"

@@ -12,7 +12,7 @@ from cyclopts import Parameter
 from rich.table import Table
 
 from ..progress import RichCallback
-from ..store import StoreError
+from ..store import Problem, StoreError
 from .common import Basepath, app, err, human, open_cli_store, out, parse_duration
 
 store_app = cyclopts.App(name="store", help="Put, get, inspect and clean the object store.")
@@ -109,19 +109,42 @@ def du(*, basepath: Basepath = None, json_output: Annotated[bool, Parameter(name
 
 
 @store_app.command
-def verify(*, basepath: Basepath = None) -> int:
-    """Re-hash every object; exit 1 and list them if any is corrupt or missing."""
+def verify(
+    *,
+    basepath: Basepath = None,
+    repair: Annotated[bool, Parameter(
+        help="Move corrupt objects aside, so that putting the original data again (or the "
+             "cache miss that recomputes a result) stores a good copy.")] = False,
+) -> int:
+    """Re-hash every object and check every ref and run record; exit 1 and list each problem.
+
+    Kinds: corrupt (the bytes do not match the id), missing (listed by a folder
+    or named by a run record, not there), malformed (a manifest that is not
+    one), dangling (a ref names an object that is not there), quarantined (a
+    damaged copy moved aside earlier, its object not put again since).
+    """
+    from ..records.targets import iter_records, named_objects
+
     store = open_cli_store(basepath)
     with RichCallback("verify") as progress:
-        problems = store.verify(callback=progress)
+        problems = store.verify(callback=progress, repair=repair)
+    for record in iter_records(store):
+        for oid in sorted(named_objects(record)):
+            name = oid if store.has(oid) else oid + ".dir"
+            if not store.has(name):
+                problems.append(Problem(oid, store.url_of(oid), "missing",
+                                        f"run record {record.get('flow_run_id')} names it"))
     if not problems:
         out.print(f"all objects in {store.url} verified")
         return 0
     for problem in problems:
-        out.print(f"{problem.kind}: {problem.name} at {problem.url}: {problem.detail}")
+        out.print(f"{problem.kind}: {problem.name} at {problem.url}: {problem.detail}", markup=False)
     # One missing object listed by several folders is one object to repair.
     damaged = len({problem.name for problem in problems})
-    err.print(f"{damaged} damaged object(s); put the original data again to repair")
+    corrupt_left = any(p.kind == "corrupt" and "moved aside" not in p.detail for p in problems)
+    advice = ("run `uncool store verify --repair` to move the corrupt ones aside, then put the "
+              "original data again" if corrupt_left else "put the original data again to repair")
+    err.print(f"{damaged} damaged object(s); {advice}")
     return 1
 
 

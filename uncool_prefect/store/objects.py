@@ -102,7 +102,7 @@ class Problem:
 
     name: str
     url: str
-    kind: str  # "corrupt" (bytes do not match the id) or "missing" (listed, absent)
+    kind: str  # corrupt, missing, malformed, dangling or quarantined (see ObjectStore.verify)
     detail: str
 
 
@@ -138,6 +138,10 @@ def default_state_dir(url: str) -> Path:
         return Path(root).expanduser().absolute() / "state"
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
     return cache_dir() / "stores" / digest
+
+
+# What Backend.quarantine names a damaged object: tmp/corrupt-<rel with - for />-<8 hex>.
+_QUARANTINED = re.compile(r"corrupt-objects-[a-z0-9]+-([0-9a-f]{2})-([0-9a-f]+)(\.dir)?-[0-9a-f]{8}$")
 
 
 class _VerifyingReader(io.RawIOBase):
@@ -738,19 +742,28 @@ class ObjectStore:
         stored = sum(info.size for info in objects.values())
         return Usage(len(objects), directories, refs, stored, logical)
 
-    def verify(self, callback: Callback | None = None,
-               names: Iterable[str] | None = None) -> list[Problem]:
-        """Re-hash objects (all by default); return every corrupt or missing one."""
+    def verify(self, callback: Callback | None = None, names: Iterable[str] | None = None,
+               *, repair: bool = False) -> list[Problem]:
+        """Re-hash objects (all by default); return every problem found.
+
+        Kinds: ``corrupt`` (the bytes do not match the id), ``missing`` (a
+        folder lists it, or it was asked for, and it is not there),
+        ``malformed`` (a manifest that hashes right but cannot be read as one:
+        its files are not checked), ``dangling`` (a ref names an object that is
+        not there) and ``quarantined`` (a damaged copy moved aside earlier, and
+        the object not put again since). With ``repair``, corrupt objects are
+        moved aside too (as reads do), so that putting the original data again
+        stores a good copy; without, nothing is changed.
+        """
         callback = callback or NoOpCallback()
-        infos = list(self.ls()) if names is None else [
-            ObjectInfo(n, 0, 0.0) for n in names
-        ]
+        everything = names is None
+        infos = list(self.ls()) if everything else [ObjectInfo(n, 0, 0.0) for n in names or ()]
         callback.set_size(sum(i.size for i in infos))
         problems: list[Problem] = []
         for info in infos:
             url = self.url_of(info.name)
             try:
-                with self.open(info.name, quarantine=False) as stream:
+                with self.open(info.name, quarantine=repair) as stream:
                     while chunk := stream.read(CHUNK_SIZE):
                         callback.relative_update(len(chunk))
                 if info.is_dir:
@@ -761,12 +774,42 @@ class ObjectStore:
                                 f"listed as {entry.path!r} in {info.name}",
                             ))
             except CorruptObjectError as exc:
+                moved = f"; moved aside to {exc.moved_to}" if exc.moved_to else ""
                 problems.append(Problem(
-                    info.name, url, "corrupt", f"content hashes to {exc.actual}"
+                    info.name, url, "corrupt", f"content hashes to {exc.actual}{moved}"
                 ))
             except ObjectNotFoundError:
                 problems.append(Problem(info.name, url, "missing", "not in the store"))
+            except StoreError as exc:  # a manifest whose content is not one
+                problems.append(Problem(info.name, url, "malformed", f"{exc}; its files are not checked"))
+        if everything:
+            problems.extend(self._dangling_refs())
+            reported = {problem.name for problem in problems}  # moved aside just now: said above
+            problems.extend(p for p in self._quarantined() if p.name not in reported)
         return problems
+
+    def _dangling_refs(self) -> list[Problem]:
+        found = []
+        for key, document in self.iter_refs():
+            for oid in (document["oid"], *document.get("links", ())):
+                if not self.has(oid):
+                    found.append(Problem(oid, self.url_of(oid), "dangling",
+                                         f"refs/{key} names it and it is not in the store"))
+        return found
+
+    def _quarantined(self) -> list[Problem]:
+        """Damaged copies moved aside earlier whose object is still not back in the store."""
+        found = []
+        for rel, _mtime in self.tmp_files():
+            match = _QUARANTINED.search(rel)
+            if match is None:
+                continue
+            name = match.group(1) + match.group(2) + (DIR_SUFFIX if match.group(3) else "")
+            if not self.has(name):
+                found.append(Problem(name, self.backend.url_for(rel), "quarantined",
+                                     "a damaged copy was moved aside here; put the original data "
+                                     "again to restore it"))
+        return found
 
     def gc(self, grace: float = 3600.0, keep: Iterable[str] = (),
            dry_run: bool = False) -> Any:
