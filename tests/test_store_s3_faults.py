@@ -617,3 +617,26 @@ def test_existing_object_is_not_uploaded_again(
     assert other.put_file(source).oid == first.oid
     assert proxy.count(lambda r: r.method in ("PUT", "POST")) == 0
 
+
+
+def test_gc_aborts_multipart_uploads_a_dead_writer_left(
+    s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """A writer killed mid-multipart leaves parts billed forever: gc ends those past the grace."""
+    store = _store(s3_endpoint, s3_bucket, tmp_path)
+    client = _moto(s3_endpoint)
+    ours = "store/tmp/upload-of-a-writer-that-died"
+    theirs = "elsewhere/not-the-store"
+    for key in (ours, theirs):
+        upload = client.create_multipart_upload(Bucket=s3_bucket, Key=key)
+        client.upload_part(Bucket=s3_bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1,
+                           Body=os.urandom(1024))
+
+    def pending() -> set[str]:
+        return {u["Key"] for u in client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])}
+
+    assert store.gc(grace=3600).aborted_uploads == []  # young: a writer may be at work
+    assert store.gc(grace=0, dry_run=True).aborted_uploads == [ours]
+    assert pending() == {ours, theirs}  # a dry run aborts nothing
+    assert store.gc(grace=0).aborted_uploads == [ours]
+    assert pending() == {theirs}  # outside the store's prefix: not ours to end

@@ -165,6 +165,9 @@ def gc(
         f"kept {report.reachable} reachable, spared {report.spared_young} younger than {grace}; "
         f"{verb} {report.removed_temp} stale temp file(s)"
     )
+    if report.aborted_uploads:
+        out.print(f"{'would abort' if dry_run else 'aborted'} {len(report.aborted_uploads)} "
+                  f"unfinished multipart upload(s) older than {grace}, left by writers that died")
     for name in report.dangling:
         err.print(f"warning: a ref or run names {name}, which is not in the store")
 

@@ -497,6 +497,13 @@ class LocalBackend:
     def make_writable(self, rel: str) -> None:
         os.chmod(self.root / rel, 0o644)
 
+    def stale_uploads(self, started_before: float) -> tuple[tuple[str, str], ...]:
+        """Unfinished multipart uploads: a local folder has none (temp files are tmp/'s)."""
+        return ()
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        raise NotImplementedError("a local folder has no multipart uploads")
+
 
 class FsspecBackend:
     """A store on any fsspec filesystem; S3 gets bounded retries and multipart."""
@@ -652,6 +659,43 @@ class FsspecBackend:
                 else:
                     self.fs.touch(self._path(rel), truncate=False)
         return True
+
+    def stale_uploads(self, started_before: float) -> tuple[tuple[str, str], ...]:
+        """``(key, upload id)`` of multipart uploads under this store idle since before the time given.
+
+        A writer killed mid-upload leaves one behind, its parts billed until
+        aborted. Idle: begun before that time, and no part sent since.
+        """
+        if self.protocol not in ("s3", "s3a"):
+            return ()
+        bucket, prefix, _ = self.fs.split_path(self._path(""))
+        found: tuple[tuple[str, str], ...] = ()
+        marker: dict[str, str] = {}
+        with self._errors(""):
+            while True:
+                page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket,
+                                       Prefix=prefix.rstrip("/") + "/" if prefix else "", **marker)
+                for upload in page.get("Uploads", []):
+                    key, upload_id = str(upload["Key"]), str(upload["UploadId"])
+                    initiated = upload.get("Initiated")
+                    if initiated is not None and initiated.timestamp() >= started_before:
+                        continue
+                    # NOTE: a long upload begun before the cutoff may still be sending
+                    # parts: its latest part says whether its writer is alive.
+                    parts = self.fs.call_s3("list_parts", Bucket=bucket, Key=key,
+                                            UploadId=upload_id).get("Parts", [])
+                    if any(part["LastModified"].timestamp() >= started_before for part in parts):
+                        continue
+                    found += ((key, upload_id),)
+                if not page.get("IsTruncated"):
+                    return found
+                marker = {"KeyMarker": page["NextKeyMarker"],
+                          "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        bucket = self.fs.split_path(self._path(""))[0]
+        with self._errors(""):
+            self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
 
     def quarantine(self, rel: str) -> str | None:
         """Move a corrupt object out of the way (into tmp/); return where to."""

@@ -45,6 +45,8 @@ class GcReport:
     removed_bytes: int = 0
     spared_young: int = 0
     removed_temp: int = 0
+    # Unfinished multipart uploads (S3) older than the grace: aborted, or listed on a dry run.
+    aborted_uploads: list[str] = field(default_factory=list)
     dangling: list[str] = field(default_factory=list)
     dry_run: bool = False
 
@@ -133,4 +135,8 @@ def collect_garbage(store: ObjectStore, *, grace: float = 3600.0,
             if not dry_run:
                 store.backend.delete(rel)
             report.removed_temp += 1
+    for key, upload_id in store.backend.stale_uploads(started_before=cutoff):
+        if not dry_run:
+            store.backend.abort_upload(key, upload_id)
+        report.aborted_uploads.append(key)
     return report
