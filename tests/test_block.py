@@ -84,7 +84,7 @@ def test_record_json_is_not_confused_with_a_user_value(block: ContentAddressedSt
 
 BAD_KEYS = [
     "", "..", "../escape", "a/../../b", "/etc/passwd", "%2e%2e/x", "a/%2E%2E/b",
-    "a\\b", "..\\x", "a\x00b", "a//b", "./a",
+    "a\\b", "..\\x", "a\x00b", ".", "./", "//", "a/%2e/b",
 ]
 
 
@@ -97,6 +97,17 @@ def test_bad_keys_are_rejected_before_any_io(tmp_path: Path, key: str) -> None:
     with pytest.raises(InvalidKeyError):
         block.read_path(key, _sync=True)
     assert not (tmp_path / "store").exists()  # nothing created, not even the folder
+
+
+@pytest.mark.parametrize(("spelled", "key"), [("./out/1", "out/1"), ("a//b-1", "a/b-1"),
+                                             ("a/./b", "a/b")])
+def test_harmless_spellings_name_the_same_key(block: ContentAddressedStorage, spelled: str,
+                                              key: str) -> None:
+    """What LocalFileSystem accepts as a name inside the base (Prefect's result_storage_key
+    templates make such names) is the same key here, not a refusal that loses the cache."""
+    block.write_path(spelled, b"value", _sync=True)
+    assert block.read_path(key, _sync=True) == b"value"
+    assert block.read_path(spelled, _sync=True) == b"value"
 
 
 def test_missing_key_is_file_not_found(block: ContentAddressedStorage) -> None:

@@ -24,8 +24,9 @@ from prefect_aws import AwsCredentials
 from pydantic import Field, PrivateAttr
 
 from .settings import get_settings
-from .store import ObjectStore, StoreError, validate_relpath
+from .store import ObjectStore, StoreError
 from .store.gc import find_object_ids
+from .store.keys import normalize_key
 
 _RECORD_KEYS = {"metadata", "result"}
 
@@ -126,7 +127,7 @@ class ContentAddressedStorage(WritableFileSystem):
 
     # -- Prefect's WritableFileSystem interface ------------------------------
     def _write(self, path: str, content: bytes) -> str:
-        key = validate_relpath(path, "result key")
+        key = normalize_key(path, "result key")
         if _is_metadata_for(content, key) and self._holds_value(key):
             raise StoreError(
                 f"result metadata for key {key!r} would overwrite the result itself: "
@@ -155,7 +156,7 @@ class ContentAddressedStorage(WritableFileSystem):
             return False
 
     def _read(self, path: str) -> bytes:
-        key = validate_relpath(path, "result key")
+        key = normalize_key(path, "result key")
         document = self.store.get_ref(key)
         data = self.store.get_bytes(document["oid"])
         if "record_metadata" in document:

@@ -37,6 +37,21 @@ def validate_relpath(path: str, what: str = "path") -> str:
     return path
 
 
+def normalize_key(path: str, what: str = "key") -> str:
+    """``path`` with harmless spelling removed (``./`` parts, repeated ``/``), then validated.
+
+    What a local file system would accept as the same name inside the base
+    (``./out/1``, ``a//b``) names the same key here; anything that could leave
+    the base (``..``, absolute, encoded dots, backslashes, NUL) is still refused.
+    """
+    if isinstance(path, str) and path and not path.startswith("/") and "\\" not in path:
+        # NOTE: '.' parts go only after checking that no encoded form hides a '..'.
+        parts = [part for part in path.split("/") if part not in ("", ".")]
+        if parts and not any(_unsafe_reason(unquote(part)) for part in parts):
+            path = "/".join(parts)
+    return validate_relpath(path, what)
+
+
 def _unsafe_reason(path: str) -> str | None:
     if "\x00" in path:
         return "it contains a NUL byte"
