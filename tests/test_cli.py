@@ -59,13 +59,19 @@ def test_put_get_cat_ls_du_verify_gc(tmp_path: Path, basepath: str) -> None:
     assert "removed 0 object(s)" in kept.stdout
 
 
-def test_verify_exits_1_and_names_the_corrupt_object(tmp_path: Path, basepath: str) -> None:
+def _put_and_damage(tmp_path: Path, basepath: str) -> tuple[Path, str, Path]:
+    """A file put through the CLI, then its stored object overwritten: (source, oid, stored)."""
     source = tmp_path / "model.bin"
     source.write_bytes(b"weights" * 1000)
     oid = uncool("store", "put", str(source), "--basepath", basepath, check=True).stdout.strip()
     stored = Path(basepath) / "objects" / "sha256" / oid[:2] / oid[2:]
     stored.chmod(0o644)
     stored.write_bytes(b"weightz" * 1000)
+    return source, oid, stored
+
+
+def test_verify_exits_1_and_names_the_corrupt_object(tmp_path: Path, basepath: str) -> None:
+    _source, oid, stored = _put_and_damage(tmp_path, basepath)
     done = uncool("store", "verify", "--basepath", basepath)
     assert done.returncode == 1
     assert f"corrupt: {oid}" in done.stdout and str(stored) in done.stdout
@@ -74,12 +80,7 @@ def test_verify_exits_1_and_names_the_corrupt_object(tmp_path: Path, basepath: s
 
 def test_verify_repair_then_put_heals(tmp_path: Path, basepath: str) -> None:
     """verify's own advice works: --repair moves the damage aside, a put of the original heals."""
-    source = tmp_path / "model.bin"
-    source.write_bytes(b"weights" * 1000)
-    oid = uncool("store", "put", str(source), "--basepath", basepath, check=True).stdout.strip()
-    stored = Path(basepath) / "objects" / "sha256" / oid[:2] / oid[2:]
-    stored.chmod(0o644)
-    stored.write_bytes(b"weightz" * 1000)
+    source, oid, _stored = _put_and_damage(tmp_path, basepath)
     found = uncool("store", "verify", "--basepath", basepath)
     assert found.returncode == 1 and "--repair" in found.stderr
     repaired = uncool("store", "verify", "--repair", "--basepath", basepath)
