@@ -640,3 +640,85 @@ def test_gc_aborts_multipart_uploads_a_dead_writer_left(
     assert pending() == {ours, theirs}  # a dry run aborts nothing
     assert store.gc(grace=0).aborted_uploads == [ours]
     assert pending() == {theirs}  # outside the store's prefix: not ours to end
+
+
+# -- a peer that stops reading mid-body --------------------------------------------
+
+class StallingProxy:
+    """A TCP proxy to moto that stops reading a connection's request after ``stall_after`` bytes.
+
+    The socket stays open and nothing is answered: what a dead middlebox or an
+    overloaded endpoint looks like to a client sending a body. Its receive
+    buffer is small, so the client's writes block soon after.
+    """
+
+    def __init__(self, upstream: str, stall_after: int) -> None:
+        host, port = urlsplit(upstream).hostname, urlsplit(upstream).port
+        self.upstream = (str(host), int(port or 80))
+        self.stall_after = stall_after
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stopped = threading.Event()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._forward, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._forward, args=(upstream, client, False), daemon=True).start()
+
+    def _forward(self, source: socket.socket, target: socket.socket, request: bool) -> None:
+        sent = 0
+        with contextlib.suppress(OSError):
+            while not self.stopped.is_set():
+                if request and sent >= self.stall_after:
+                    self.stopped.wait(0.1)  # keep the connection open; read nothing more
+                    continue
+                data = source.recv(64 << 10)
+                if not data:
+                    return
+                target.sendall(data)
+                sent += len(data)
+
+    def close(self) -> None:
+        self.stopped.set()
+        for sock in [self.listener, *self.sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+@pytest.mark.parametrize("size", [10 << 20, 2 * S3_PART_SIZE + 1],
+                         ids=["single-put", "multipart"])
+def test_a_peer_that_stops_reading_mid_body_is_an_error_in_bounded_time(
+    s3_endpoint: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """Connect and read timeouts do not cover a body that stops moving: the send deadline does."""
+    from uncool_prefect.store import backends
+
+    monkeypatch.setattr(backends, "SEND_BASE_S", 1.0)
+    monkeypatch.setattr(backends, "SEND_MIN_RATE", float(100 << 20))  # 0.1 s per 10 MiB
+    proxy = StallingProxy(s3_endpoint, stall_after=1 << 20)
+    try:
+        store = _store(proxy.url, s3_bucket, tmp_path)
+        source = tmp_path / "big.bin"
+        source.write_bytes(os.urandom(size))
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError) as info:
+            store.put_file(source)
+        elapsed = time.monotonic() - started
+    finally:
+        proxy.close()
+    # 3 tries of (1 s + size at 100 MiB/s): a few seconds, where it used to hang for good.
+    assert elapsed < 3 * (1.0 + size / (100 << 20)) + 10, elapsed
+    assert "stalled" in str(info.value) and proxy.url in str(info.value)
+    real = _store(s3_endpoint, s3_bucket, tmp_path / "real")
+    assert not real.has(hashlib.sha256(source.read_bytes()).hexdigest())  # nothing half-written

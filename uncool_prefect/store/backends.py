@@ -46,6 +46,13 @@ ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory
 S3_PART_SIZE = 8 << 20
 S3_PARTS_IN_FLIGHT = 4  # 32 MiB of parts in memory at most
 S3_MAX_PARTS = 10_000  # S3's limit; bigger files get bigger parts
+# NOTE: botocore's connect and read timeouts do not cover a request body that
+# stops moving (a peer that no longer reads): every request that sends a body
+# gets a deadline of its own, SEND_BASE_S plus the time its bytes take at
+# SEND_MIN_RATE, and SEND_ATTEMPTS tries. Both can be set for slow links.
+SEND_BASE_S = float(os.environ.get("UNCOOL_S3_SEND_TIMEOUT", "30"))
+SEND_MIN_RATE = float(os.environ.get("UNCOOL_S3_MIN_RATE", str(1 << 20)))  # bytes per second
+SEND_ATTEMPTS = 3
 
 # Local ingest of big files: read, write and hash overlap in three threads
 # over a few 1 MiB buffers (8 MiB in memory at most, whatever the file size).
@@ -616,12 +623,26 @@ class FsspecBackend:
             return False
         with self._errors(rel):
             if self._atomic_put:
-                self.fs.pipe_file(self._path(rel), data)
+                self._send("pipe_file", (self._path(rel), data), len(data), rel)
             else:
                 tmp = self._path(f"{TMP_DIR}/{uuid.uuid4().hex}.tmp")
-                self.fs.pipe_file(tmp, data)
+                self._send("pipe_file", (tmp, data), len(data), rel)
                 self.fs.mv(tmp, self._path(rel))
         return True
+
+    def _send(self, method: str, args: tuple[Any, ...], size: int, rel: str, **kwargs: Any) -> None:
+        """``fs.<method>(*args)`` (pipe_file, put_file) within its deadline (see SEND_BASE_S).
+
+        Only async file systems (s3fs, gcsfs...) can be given a deadline; the
+        others (memory://) write in this process and cannot stall on a peer.
+        """
+        if not getattr(self.fs, "async_impl", False):
+            getattr(self.fs, method)(*args, **kwargs)
+            return
+        request = getattr(self.fs, "_" + method)
+        fsspec.asyn.sync(self.fs.loop, _within_deadline,
+                         lambda: request(*args, **kwargs), size,
+                         f"{self.url_for(rel)} to {self.describe()}")
 
     def put_local_file(self, local: Path, rel: str, callback: Callback | None = None) -> None:
         """Upload a local file to ``rel``; nothing appears there unless it completes."""
@@ -633,10 +654,10 @@ class FsspecBackend:
                 fsspec.asyn.sync(self.fs.loop, _s3_multipart_put, self.fs, local, size, target,
                                  callback)
             elif self._atomic_put:
-                self.fs.put_file(str(local), target, callback=callback)
+                self._send("put_file", (str(local), target), size, rel, callback=callback)
             else:
                 tmp = self._path(f"{TMP_DIR}/{uuid.uuid4().hex}.tmp")
-                self.fs.put_file(str(local), tmp, callback=callback)
+                self._send("put_file", (str(local), tmp), size, rel, callback=callback)
                 self.fs.mv(tmp, target)
 
     def sync(self) -> None:
@@ -757,10 +778,10 @@ async def _s3_multipart_put(fs: Any, local: Path, size: int, target: str,
     upload_id = upload["UploadId"]
 
     async def send(number: int, body: bytes) -> dict[str, Any]:
-        answer = await fs._call_s3(
-            "upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
-            PartNumber=number, Body=body,
-        )
+        answer = await _within_deadline(
+            lambda: fs._call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload_id,
+                                PartNumber=number, Body=body),
+            len(body), f"part {number} of s3://{target}")
         callback.relative_update(len(body))
         return {"PartNumber": number, "ETag": answer["ETag"]}
 
@@ -792,6 +813,31 @@ async def _s3_multipart_put(fs: Any, local: Path, size: int, target: str,
             ))
         raise
     fs.invalidate_cache(target)
+
+
+class SendStalledError(ConnectionError):
+    """A request body stopped moving: the peer took no bytes within the request's deadline.
+
+    NOTE: not a TimeoutError, which fsspec's sync turns into a bare FSTimeoutError.
+    """
+
+
+async def _within_deadline(request: Callable[[], Any], size: int, what: str) -> Any:
+    """``await request()``, abandoned and tried again when it outlives its deadline.
+
+    The deadline scales with the bytes sent (SEND_BASE_S + size / SEND_MIN_RATE);
+    after SEND_ATTEMPTS tries the stall is an error naming what was being sent.
+    """
+    deadline = SEND_BASE_S + size / SEND_MIN_RATE
+    for _attempt in range(SEND_ATTEMPTS):
+        try:
+            return await asyncio.wait_for(request(), timeout=deadline)
+        except TimeoutError:
+            continue
+    raise SendStalledError(
+        f"sending {what} stalled: {SEND_ATTEMPTS} tries of {deadline:.0f} s each did not finish "
+        f"({size} bytes); the endpoint stopped taking data. Check the network or the endpoint, "
+        "or raise UNCOOL_S3_SEND_TIMEOUT / lower UNCOOL_S3_MIN_RATE for a slow link")
 
 
 def _read_parts(source: IO[bytes], part_size: int) -> list[bytes]:
