@@ -51,7 +51,7 @@ S3_MAX_PARTS = 10_000  # S3's limit; bigger files get bigger parts
 # gets a deadline of its own, SEND_BASE_S plus the time its bytes take at
 # SEND_MIN_RATE, and SEND_ATTEMPTS tries. Both can be set for slow links.
 SEND_BASE_S = float(os.environ.get("UNCOOL_S3_SEND_TIMEOUT", "30"))
-SEND_MIN_RATE = float(os.environ.get("UNCOOL_S3_MIN_RATE", str(1 << 20)))  # bytes per second
+SEND_MIN_RATE = float(os.environ.get("UNCOOL_S3_MIN_RATE", str(256 << 10)))  # bytes per second
 SEND_ATTEMPTS = 3
 
 # Local ingest of big files: read, write and hash overlap in three threads
