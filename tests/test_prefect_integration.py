@@ -156,23 +156,45 @@ def test_key_storage_on_the_same_block_is_a_clear_error(tmp_path: Path) -> None:
     assert block.read_path("k", _sync=True) == b"[1, 2]"  # the result is intact
 
 
-def test_a_corrupted_cached_result_is_recomputed_not_returned(tmp_path: Path) -> None:
-    block = _save_block("heal", tmp_path / "store")
-    flow_file = _write_flow(tmp_path, "heal")
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("harm", ["damaged", "deleted"])
+def test_a_damaged_or_deleted_cached_result_is_recomputed_not_returned(
+    tmp_path: Path, request: pytest.FixtureRequest, where: str, harm: str
+) -> None:
+    """Prefect users' known pain: a cache entry whose result is gone. Here it recomputes and heals."""
+    name = f"heal-{where}-{harm}"
+    if where == "local":
+        block = _save_block(name, tmp_path / "store")
+    else:
+        from conftest import s3_options
+
+        endpoint = request.getfixturevalue("s3_endpoint")
+        bucket = request.getfixturevalue("s3_bucket")
+        block = ContentAddressedStorage(basepath=f"s3://{bucket}/store",
+                                        storage_options=s3_options(endpoint))
+        block.save(name, overwrite=True)
+    flow_file = _write_flow(tmp_path, name)
     first = _run_flow(flow_file)
     store = block.store
     featurize_oid = next(d["oid"] for _, d in store.iter_refs() if d.get("task_name") == "featurize")
-    path = Path(store.url_of(featurize_oid))
-    path.chmod(0o644)
-    data = bytearray(path.read_bytes())
+    url = store.url_of(featurize_oid)
+    fs = store.backend.fs if where == "s3" else None  # type: ignore[attr-defined]
+    data = bytearray(fs.cat_file(url) if fs else Path(url).read_bytes())
     data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
+    if harm == "deleted":
+        fs.rm_file(url) if fs else Path(url).unlink()
+    elif fs:
+        fs.pipe_file(url, bytes(data))
+    else:
+        Path(url).chmod(0o644)
+        Path(url).write_bytes(bytes(data))
 
     second = _run_flow(flow_file)
     assert second["result"] == first["result"]
     states = task_states(str(second["flow_run_id"]))
-    assert states["featurize"] == "Completed"  # recomputed: the bad copy was refused
+    assert states["featurize"] == "Completed"  # recomputed: the bad or missing copy was refused
     assert store.verify() == []  # and the store healed itself
+    assert store.has(featurize_oid)
 
 
 def test_pointing_a_block_at_another_store_says_what_it_moved(
