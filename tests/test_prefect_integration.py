@@ -248,3 +248,49 @@ def test_server_status_and_block_register_use_the_server_that_answers(
     status = subprocess.run([uncool, "server", "status"], capture_output=True, text=True,
                             timeout=60, env=dead)
     assert (status.returncode, status.stdout.strip()) == (1, "not running")
+
+
+KEYED_FLOW = '''
+from uncool_prefect import pipeline, stage
+
+@stage(result_storage_key="./out/{parameters[x]}")
+def spelled_loosely(x: int) -> int:
+    return x * 3
+
+@stage(result_storage_key="../escape-{parameters[x]}")
+def escaping(x: int) -> int:
+    return x * 2
+
+@pipeline
+def keyed(escape: bool = False) -> None:
+    print("STATE", spelled_loosely(3, return_state=True).name)
+    if escape:
+        escaping(3)
+
+if __name__ == "__main__":
+    import sys
+    keyed(escape=len(sys.argv) > 1)
+'''
+
+
+def test_result_storage_keys_a_file_system_would_accept_persist_and_a_refused_one_fails(
+    tmp_path: Path,
+) -> None:
+    """`./out/{x}` is cached like `out/{x}`; `../escape-{x}` fails the stage instead of
+    completing with nothing stored (Prefect only logs storage errors at commit)."""
+    flow_file = tmp_path / "keyed.py"
+    flow_file.write_text(KEYED_FLOW)
+    env = {**os.environ, "UNCOOL_STORE": str(tmp_path / "store"), "UNCOOL_BLOCK": "keyed"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(flow_file), *args], capture_output=True,
+                              text=True, timeout=180, env=env, cwd=tmp_path)
+
+    first, second = run(), run()
+    assert "STATE Completed" in first.stdout, first.stderr[-3000:]
+    assert "STATE Cached" in second.stdout, second.stderr[-3000:]
+    assert (tmp_path / "store" / "refs" / "out" / "3").is_file()
+    refused = run("escape")
+    assert refused.returncode != 0
+    assert "result_storage_key of stage 'escaping' '../escape-3' is not allowed" in refused.stderr
+    assert not (tmp_path / "escape-3").exists()

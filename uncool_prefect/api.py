@@ -117,11 +117,31 @@ def replayed_input(stage_name: str, argument: str) -> Path | None:
     return Path(found) if found else None
 
 
-def _replaying(fn: Callable[..., Any], task_name: Callable[[], str]) -> Callable[..., Any]:
-    """``fn``, with path arguments swapped for replayed data when a reproduction asks for it."""
+def _check_storage_key() -> None:
+    """A ``result_storage_key`` the store refuses fails the stage now, before it runs.
+
+    NOTE: Prefect persists results when the task's transaction commits and only
+    logs a storage error there: the run would be Completed with nothing stored.
+    """
+    from prefect.context import TaskRunContext
+    from prefect.transactions import get_transaction
+
+    from .store.keys import normalize_key
+
+    context = TaskRunContext.get()
+    transaction = get_transaction()
+    if context is None or transaction is None or context.task.result_storage_key is None:
+        return
+    normalize_key(str(transaction.key), f"result_storage_key of stage {context.task.name!r}")
+
+
+def _stage_body(fn: Callable[..., Any], task_name: Callable[[], str]) -> Callable[..., Any]:
+    """``fn`` as a stage runs it: its storage key checked, and path arguments swapped for the
+    recorded data when a reproduction asks for it."""
     signature = inspect.signature(fn)
 
     def swapped(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        _check_storage_key()
         if not os.environ.get(REPLAY_INPUTS_ENV):
             return args, kwargs
         bound = signature.bind(*args, **kwargs)
@@ -186,7 +206,7 @@ def stage(fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
         if name:
             options["name"] = name
         made: list[Task[Any, Any]] = []
-        task = Task(fn=_replaying(function, lambda: made[0].name), **options)
+        task = Task(fn=_stage_body(function, lambda: made[0].name), **options)
         made.append(task)
         return task
 
