@@ -153,8 +153,17 @@ def test_run_records_caches_and_reruns_only_what_a_param_change_touches(wine: Wi
     assert lineage.returncode == 0, lineage.stderr
     tree = json.loads(lineage.stdout)
     assert tree["upstream"]["data"] == record["data"]
-    for name in STAGES:
-        assert name in lineage.stdout, name
+    assert list(tree["upstream"]["stages"]) == STAGES
+    assert tree["upstream"]["inputs"] == {"load-table.folder": record["data"]}
+
+    # The champion's chain: its stages pass values, not object ids; Prefect's own
+    # dependency tracking links them, each stored result named by its id.
+    champion = json.loads(wine.uncool("lineage", "champion", "--json").stdout)
+    chain = [link["slot"] for link in champion["upstream"]["chain"]]
+    assert chain == ["load-table.folder", "load-table.result", "make-features.result",
+                     "fit-model.result", "score.result"], chain
+    versions = champion["downstream"]["model_versions"]["versions"]
+    assert [v["name"] for v in versions] == ["wine-classifier"] and "champion" in versions[0]["aliases"]
 
 
 def test_checkout_new_data_and_reproduce_from_the_recorded_data(wine: WineProject, tmp_path: Path) -> None:

@@ -96,7 +96,7 @@ def test_lineage_of_the_dataset_shows_both_runs_split(runs: TwoRuns) -> None:
 def test_lineage_of_a_run_and_of_the_champion(runs: TwoRuns) -> None:
     tree = lineage_tree(runs.store, runs.first["flow_run_id"], runs.project.home)
     assert tree["kind"] == "run"
-    assert [link["slot"] for link in tree["upstream"]["chain"]][-1] == "evaluate.metrics"
+    assert [link["slot"] for link in tree["upstream"]["chain"]][-1] == "deploy.result"  # the Registration
     assert list(tree["upstream"]["stages"]) == ["get-data", "split", "train", "evaluate", "deploy"]
     reused = tree["downstream"]["reused_by"]
     assert [(r["flow_run_id"], r["stages"]) for r in reused] == [

@@ -40,6 +40,8 @@ class StageRun:
     outputs: dict[str, str] = field(default_factory=dict)
     inputs: dict[str, dict[str, str]] = field(default_factory=dict)
     uses: list[str] = field(default_factory=list)
+    # Task runs whose results were arguments of this one (Prefect's own dependency tracking).
+    after: list[str] = field(default_factory=list)
     error: str | None = None
 
 
@@ -113,12 +115,14 @@ class Recorder:
         else:
             error = state.message
         started = task_run.start_time.timestamp() if task_run.start_time else time.time()
+        after = sorted({str(found.id) for inputs in (task_run.task_inputs or {}).values()
+                        for found in inputs if getattr(found, "input_type", None) == "task_run"})
         with self._lock:
             self.stages[run_id] = StageRun(
                 task=task.name, task_run_id=run_id, state=str(state.name), started=started,
                 result=result_oid, outputs=self._outputs(value),
                 inputs=self._inputs.get(run_id, {}), uses=self._uses.get(run_id, []),
-                error=error,
+                after=after, error=error,
             )
 
     def _result_object(self, state: Any) -> str | None:

@@ -46,9 +46,12 @@ def slots(record: dict[str, Any]) -> dict[str, str]:
     for key, version in input_versions(record).items():
         found[key] = version
     for name, stage in record.get("stages", {}).items():
-        for key, oid in stage.get("outputs", {}).items():
+        outputs = stage.get("outputs") or {}
+        for key, oid in outputs.items():
             if isinstance(oid, str):
                 found[f"{name}.{key}"] = oid
+        if not outputs and isinstance(stage.get("result"), str):
+            found[f"{name}.result"] = stage["result"]  # a value of its own, stored by content
     return found
 
 
@@ -73,8 +76,24 @@ def made_from(record: dict[str, Any]) -> dict[str, list[str]]:
             edges[slot] = []
             continue
         used = [by_digest[d] for d in (_digest(u) for u in stage.get("uses", [])) if d in by_digest]
-        edges[slot] = [s for s in dict.fromkeys([*own_inputs, *used]) if s != slot]
+        edges[slot] = [s for s in dict.fromkeys([*own_inputs, *used, *_values_from(stage, used, record)])
+                       if s != slot]
     return edges
+
+
+def _values_from(stage: dict[str, Any], used: list[str], record: dict[str, Any]) -> list[str]:
+    """Slots of the stages whose results ``stage`` took as arguments (Prefect's ``after``).
+
+    Where the arguments named some of a parent's objects by id, those (in
+    ``used``) say exactly what was read; otherwise every slot of the parent.
+    """
+    every = slots(record)
+    found: list[str] = []
+    for parent in stage.get("after", []):
+        mine = [s for s in every if _stage_of(s, record) == parent]
+        if not set(mine) & set(used):
+            found.extend(mine)
+    return found
 
 
 def _ancestors(slot: str, record: dict[str, Any]) -> list[str]:
@@ -95,8 +114,10 @@ def _stage_ancestors(stage_name: str, record: dict[str, Any]) -> list[str]:
     every = slots(record)
     stage = record.get("stages", {}).get(stage_name, {})
     used = {_digest(u) for u in stage.get("uses", [])}
-    direct = [s for s, oid in every.items() if _digest(oid) in used or
-              s in {f"{stage_name}.{arg}" for arg in stage.get("inputs", {})}]
+    named = [s for s, oid in every.items() if _digest(oid) in used]
+    direct = [s for s in every if s in named
+              or s in {f"{stage_name}.{arg}" for arg in stage.get("inputs", {})}
+              or s in _values_from(stage, named, record)]
     found = {a for s in direct for a in _ancestors(s, record)}
     return [s for s in every if s in found]
 

@@ -13,7 +13,8 @@ Every ``@pipeline`` run writes ``runs/<flow-run-id>.json`` into the store:
 - ``stages``: each task run in call order, keyed by task name (``name[1]``,
   ``name[2]``... when a task runs more than once): its state, the object id of
   its stored result, the object ids named in its return value (``outputs``),
-  and the object ids its arguments named (``uses``: the lineage edges);
+  the object ids its arguments named (``uses``) and the stages whose results
+  were its arguments (``after``): the lineage edges;
 - ``models``: what ``register_model`` registered (name, version, decision);
   ``mlflow``: the last of those, as MLflow ids;
 - timestamps, the run's final state and what started it.
@@ -197,18 +198,21 @@ def stage_entries(runs: list[StageRun]) -> dict[str, dict[str, Any]]:
     ordered = sorted(runs, key=lambda r: r.started)
     counts = Counter(run.task for run in ordered)
     seen: Counter[str] = Counter()
-    entries: dict[str, dict[str, Any]] = {}
+    keys: dict[str, str] = {}
     for run in ordered:
         seen[run.task] += 1
-        key = run.task if counts[run.task] == 1 else f"{run.task}[{seen[run.task]}]"
+        keys[run.task_run_id] = run.task if counts[run.task] == 1 else f"{run.task}[{seen[run.task]}]"
+    entries: dict[str, dict[str, Any]] = {}
+    for run in ordered:
         entry: dict[str, Any] = {"task": run.task, "task_run_id": run.task_run_id,
                                  "state": run.state, "result": run.result,
-                                 "outputs": run.outputs, "uses": run.uses}
+                                 "outputs": run.outputs, "uses": run.uses,
+                                 "after": [keys[r] for r in run.after if r in keys]}
         if run.inputs:
             entry["inputs"] = run.inputs
         if run.error:
             entry["error"] = run.error
-        entries[key] = entry
+        entries[keys[run.task_run_id]] = entry
     return entries
 
 
