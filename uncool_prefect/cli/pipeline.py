@@ -76,8 +76,6 @@ def print_summary(outcome: Any, ui_url: str) -> None:
         out.print(table)
     if record.get("data"):
         out.print(f"data version  {record['data']}")
-    cached = {entry.get("task") for entry in record.get("stages", {}).values()
-              if entry.get("state") == "Cached"}
     for model in record.get("models", []):
         metrics = model.get("metrics") or {}
         if metrics:
@@ -88,7 +86,7 @@ def print_summary(outcome: Any, ui_url: str) -> None:
                       + (f" (+{more} in uncool exp show)" if more else ""), markup=False)
         out.print(f"model         {model['name']} v{model['version']}: {model.get('reason')}",
                   markup=False)
-    if record.get("models") and cached and outcome.all_cached:
+    if record.get("models") and outcome.all_cached:
         out.print("              (registered when the run that computed it ran; nothing new now)")
     if outcome.all_cached:
         out.print("nothing changed: every stage Cached, results read back from the store")

@@ -17,9 +17,7 @@ run used is then a content hash, like its data and its model.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -43,19 +41,11 @@ class DeployError(RuntimeError):
 
 def publish_code(store: ObjectStore, config: ProjectConfig) -> ObjectRef:
     """Store the project's code as one folder object; point the code ref at it."""
-    from ..records.run_record import code_files, project_code
+    from ..records.run_record import project_code, store_code
 
     roots, files = project_code(str(config.pipeline_file))
     roots.pop("uncool_prefect", None)  # a worker has the package installed
-    with tempfile.TemporaryDirectory(prefix="uncool-code-") as tmp:
-        for name, root in roots.items():
-            for path in code_files(root):
-                target = Path(tmp) / name / path.relative_to(root)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
-        for name, path in files.items():
-            shutil.copyfile(path, Path(tmp) / name)
-        ref = store.put_dir(tmp)
+    ref = store_code(store, roots, files)
     store.set_ref(CODE_REF, ref, project=config.root.name)
     return ref
 

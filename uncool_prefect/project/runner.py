@@ -164,13 +164,7 @@ def run_pipeline(config: ProjectConfig, params: dict[str, Any], api_url: str,
 
 def task_states(flow_run_id: str) -> dict[str, str]:
     """Task name -> final state name of every task run of a flow run, as the server has them."""
-    from uuid import UUID
+    from ..records.run_record import read_task_runs, task_name_of
 
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
-    # Task run names are "<task name>-<3 hex>".
-    return {run.name.rsplit("-", 1)[0]: str(run.state.name) for run in runs if run.state}
+    return {task_name_of(run.name): str(run.state.name)
+            for run in read_task_runs(flow_run_id) if run.state}

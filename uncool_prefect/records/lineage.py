@@ -96,11 +96,11 @@ def _values_from(stage: dict[str, Any], used: list[str], record: dict[str, Any])
     return found
 
 
-def _ancestors(slot: str, record: dict[str, Any]) -> list[str]:
-    """``slot`` and everything it is made from, in pipeline order."""
+def _ancestors(starts: list[str], record: dict[str, Any]) -> list[str]:
+    """``starts`` and everything they are made from, in pipeline order (one walk for all)."""
     edges = made_from(record)
-    seen = {slot}
-    todo = [slot]
+    seen = set(starts)
+    todo = list(starts)
     while todo:
         for parent in edges.get(todo.pop(), []):
             if parent not in seen:
@@ -118,8 +118,7 @@ def _stage_ancestors(stage_name: str, record: dict[str, Any]) -> list[str]:
     direct = [s for s in every if s in named
               or s in {f"{stage_name}.{arg}" for arg in stage.get("inputs", {})}
               or s in _values_from(stage, named, record)]
-    found = {a for s in direct for a in _ancestors(s, record)}
-    return [s for s in every if s in found]
+    return _ancestors(direct, record)
 
 
 def _find_slot(record: dict[str, Any], digest: str) -> str | None:
@@ -196,7 +195,7 @@ def lineage_tree(store: ObjectStore, target: str, home: Path) -> dict[str, Any]:
     every = slots(record)
     registering = _registering_stage(record)
     made = _stage_ancestors(registering, record) if registering else list(every)
-    chain_slots = made if kind == "model-version" else (_ancestors(slot, record) if slot
+    chain_slots = made if kind == "model-version" else (_ancestors([slot], record) if slot
                                                           else list(every))
     stages = record.get("stages", {})
     chain = [{"slot": s, "stage": _stage_of(s, record), "id": every[s],

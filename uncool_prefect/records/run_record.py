@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..recording import Recorder, StageRun
-from ..store import ObjectStore
+from ..store import ObjectRef, ObjectStore
 
 RECORD_VERSION = 2
 
@@ -58,8 +58,8 @@ def code_files(root: Path) -> list[Path]:
     return files
 
 
-def snapshot_code(store: ObjectStore, roots: dict[str, Path],
-                  files: dict[str, Path] | None = None) -> dict[str, Any]:
+def store_code(store: ObjectStore, roots: dict[str, Path],
+               files: dict[str, Path] | None = None) -> ObjectRef:
     """Store the code under ``roots`` ({name in the snapshot: folder}) and ``files`` as one folder object."""
     with tempfile.TemporaryDirectory(prefix="uncool-code-") as tmp:
         staging = Path(tmp) / "code"
@@ -72,7 +72,13 @@ def snapshot_code(store: ObjectStore, roots: dict[str, Path],
         for name, path in sorted((files or {}).items()):
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, staging / name)
-        snapshot = store.put_dir(staging)
+        return store.put_dir(staging)
+
+
+def snapshot_code(store: ObjectStore, roots: dict[str, Path],
+                  files: dict[str, Path] | None = None) -> dict[str, Any]:
+    """:func:`store_code`, with the git commit of the first root and its uncommitted diff."""
+    snapshot = store_code(store, roots, files)
     return {"snapshot": snapshot.name, **_git_state(store, next(iter(roots.values())))}
 
 
@@ -166,15 +172,8 @@ def _plain_task_runs(flow_run_id: str, known: set[str]) -> list[StageRun]:
     just finished may still show its previous state there; ``@stage`` s are
     recorded in-process and are exact.
     """
-    from uuid import UUID
-
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     try:
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])))
+        runs = read_task_runs(flow_run_id)
     except Exception:  # noqa: BLE001 - the record is still worth writing without them
         return []
     found = []
@@ -182,13 +181,25 @@ def _plain_task_runs(flow_run_id: str, known: set[str]) -> list[StageRun]:
         if str(run.id) in known or run.state is None:
             continue
         started = (run.start_time or run.expected_start_time or run.created)
-        found.append(StageRun(task=_task_name(run.name), task_run_id=str(run.id),
+        found.append(StageRun(task=task_name_of(run.name), task_run_id=str(run.id),
                               state=str(run.state.name),
                               started=started.timestamp() if started else time.time()))
     return found
 
 
-def _task_name(task_run_name: str) -> str:
+def read_task_runs(flow_run_id: str) -> list[Any]:
+    """Every task run of a flow run, as the Prefect server has them."""
+    from uuid import UUID
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return list(client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))))
+
+
+def task_name_of(task_run_name: str) -> str:
     """Task run names are ``<task name>-<3 hex>``."""
     return task_run_name.rsplit("-", 1)[0]
 

@@ -20,6 +20,7 @@ import itertools
 import mmap
 import os
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -493,7 +494,7 @@ class LocalBackend:
 
     def quarantine(self, rel: str) -> str | None:
         """Move a corrupt object out of the way (into tmp/); return where to."""
-        target = self.root / TMP_DIR / f"corrupt-{rel.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
+        target = self.root / quarantine_rel(rel)
         try:
             self._ensure_dir(target.parent)
             os.rename(self.root / rel, target)
@@ -720,7 +721,7 @@ class FsspecBackend:
 
     def quarantine(self, rel: str) -> str | None:
         """Move a corrupt object out of the way (into tmp/); return where to."""
-        target = f"{TMP_DIR}/corrupt-{rel.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
+        target = quarantine_rel(rel)
         try:
             self.fs.mv(self._path(rel), self._path(target))
         except Exception:  # noqa: BLE001 - best effort: the read error is what matters
@@ -902,6 +903,21 @@ def _is_connection_error(exc: BaseException) -> bool:
             "ConnectionError", "TimeoutError",
         }
     )
+
+
+# A damaged object moved aside: tmp/corrupt-<its path, / as ->-<8 hex>.
+_QUARANTINED = re.compile(r"corrupt-objects-[a-z0-9]+-([0-9a-f]{2})-([0-9a-f]+(?:\.dir)?)-[0-9a-f]{8}$")
+
+
+def quarantine_rel(rel: str) -> str:
+    """Where a backend moves the damaged object at ``rel`` (see :func:`quarantined_object`)."""
+    return f"{TMP_DIR}/corrupt-{rel.replace('/', '-')}-{uuid.uuid4().hex[:8]}"
+
+
+def quarantined_object(rel: str) -> str | None:
+    """The object id a file moved aside by :func:`quarantine_rel` was, or None for other temp files."""
+    match = _QUARANTINED.search(rel)
+    return None if match is None else match.group(1) + match.group(2)
 
 
 def make_backend(

@@ -39,7 +39,14 @@ from typing import IO, Any
 
 from fsspec.callbacks import Callback, NoOpCallback
 
-from .backends import TMP_DIR, FsspecBackend, LocalBackend, make_backend, spool_to_temp
+from .backends import (
+    TMP_DIR,
+    FsspecBackend,
+    LocalBackend,
+    make_backend,
+    quarantined_object,
+    spool_to_temp,
+)
 from .errors import (
     CorruptObjectError,
     InvalidKeyError,
@@ -138,10 +145,6 @@ def default_state_dir(url: str) -> Path:
         return Path(root).expanduser().absolute() / "state"
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
     return cache_dir() / "stores" / digest
-
-
-# What Backend.quarantine names a damaged object: tmp/corrupt-<rel with - for />-<8 hex>.
-_QUARANTINED = re.compile(r"corrupt-objects-[a-z0-9]+-([0-9a-f]{2})-([0-9a-f]+)(\.dir)?-[0-9a-f]{8}$")
 
 
 class _VerifyingReader(io.RawIOBase):
@@ -801,11 +804,8 @@ class ObjectStore:
         """Damaged copies moved aside earlier whose object is still not back in the store."""
         found = []
         for rel, _mtime in self.tmp_files():
-            match = _QUARANTINED.search(rel)
-            if match is None:
-                continue
-            name = match.group(1) + match.group(2) + (DIR_SUFFIX if match.group(3) else "")
-            if not self.has(name):
+            name = quarantined_object(rel)
+            if name is not None and not self.has(name):
                 found.append(Problem(name, self.backend.url_for(rel), "quarantined",
                                      "a damaged copy was moved aside here; put the original data "
                                      "again to restore it"))
