@@ -711,6 +711,38 @@ def test_an_unchanged_file_is_not_read_again(tmp_path: Path,
     assert store.get_bytes(_sha256(new)) == new
 
 
+def test_without_a_stat_cache_a_present_file_is_hashed_and_never_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another path, another machine's state dir, a rebuilt cache: no temp copy of what is there."""
+    from uncool_prefect.store.backends import LocalBackend
+
+    content = _data(3 * MiB, seed=11)
+    first = tmp_path / "first.bin"
+    first.write_bytes(content)
+    ObjectStore(tmp_path / "store", state_dir=tmp_path / "state-a").put_file(first)
+    copy = tmp_path / "copy.bin"
+    copy.write_bytes(content)
+
+    temps: list[str] = []
+    real_new_temp = LocalBackend._new_temp
+
+    def counting(self: LocalBackend, *args: object, **kwargs: object) -> tuple[str, int]:
+        path, fd = real_new_temp(self, *args, **kwargs)  # type: ignore[arg-type]
+        temps.append(path)
+        return path, fd
+
+    monkeypatch.setattr(LocalBackend, "_new_temp", counting)
+    fresh = ObjectStore(tmp_path / "store", state_dir=tmp_path / "state-b")
+    assert fresh.put_file(copy).oid == _sha256(content)
+    assert temps == []  # hashed, found present: nothing written
+    other = tmp_path / "other.bin"
+    other.write_bytes(_data(3 * MiB, seed=12))
+    assert fresh.put_file(other).oid == _sha256(other.read_bytes())
+    assert len(temps) == 1  # a new file is copied in, once
+    assert fresh.get_bytes(_sha256(other.read_bytes())) == other.read_bytes()
+
+
 def test_a_file_modified_within_the_racy_window_is_not_cached(tmp_path: Path) -> None:
     assert store_hashing.RACY_WINDOW_NS == 100_000_000  # 100 ms
     store = ObjectStore(tmp_path / "store", state_dir=tmp_path / "state")

@@ -645,17 +645,19 @@ def test_gc_aborts_multipart_uploads_a_dead_writer_left(
 # -- a peer that stops reading mid-body --------------------------------------------
 
 class StallingProxy:
-    """A TCP proxy to moto that stops reading a connection's request after ``stall_after`` bytes.
+    """A TCP proxy to moto that stops reading a connection's request after ``stall_after`` bytes
+    (or, with ``stall_answers``, stops passing on its answer).
 
     The socket stays open and nothing is answered: what a dead middlebox or an
     overloaded endpoint looks like to a client sending a body. Its receive
     buffer is small, so the client's writes block soon after.
     """
 
-    def __init__(self, upstream: str, stall_after: int) -> None:
+    def __init__(self, upstream: str, stall_after: int, *, stall_answers: bool = False) -> None:
         host, port = urlsplit(upstream).hostname, urlsplit(upstream).port
         self.upstream = (str(host), int(port or 80))
         self.stall_after = stall_after
+        self.stall_answers = stall_answers  # stop passing on the answer instead of the request
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
         self.listener.bind(("127.0.0.1", 0))
@@ -680,7 +682,7 @@ class StallingProxy:
         sent = 0
         with contextlib.suppress(OSError):
             while not self.stopped.is_set():
-                if request and sent >= self.stall_after:
+                if request != self.stall_answers and sent >= self.stall_after:
                     self.stopped.wait(0.1)  # keep the connection open; read nothing more
                     continue
                 data = source.recv(64 << 10)
@@ -722,3 +724,31 @@ def test_a_peer_that_stops_reading_mid_body_is_an_error_in_bounded_time(
     assert "stalled" in str(info.value) and proxy.url in str(info.value)
     real = _store(s3_endpoint, s3_bucket, tmp_path / "real")
     assert not real.has(hashlib.sha256(source.read_bytes()).hexdigest())  # nothing half-written
+
+
+def test_an_answer_that_stops_mid_body_is_an_error_in_bounded_time_and_writes_nothing(
+    s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    """A download whose bytes stop coming ends by the read timeout, retried, not never."""
+    real = _store(s3_endpoint, s3_bucket, tmp_path / "real")
+    payload = os.urandom(4 << 20)
+    oid = real.put_bytes(payload).oid
+    proxy = StallingProxy(s3_endpoint, stall_after=256 << 10, stall_answers=True)
+    try:
+        options = _options(proxy.url)
+        options["config_kwargs"] = {"read_timeout": 1, "connect_timeout": 1}
+        stalled = ObjectStore(f"s3://{s3_bucket}/store", storage_options=options,
+                              state_dir=tmp_path / "state")
+        dest = tmp_path / "out" / "payload.bin"
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError) as info:
+            stalled.get_file(oid, dest)
+        elapsed = time.monotonic() - started
+        with pytest.raises(StoreUnavailableError):
+            with stalled.open(oid, verify_first=True) as stream:
+                stream.read()
+    finally:
+        proxy.close()
+    assert elapsed < 30, elapsed  # a few read timeouts of 1 s and retries, not a hang
+    assert proxy.url in str(info.value)
+    assert not dest.exists() and not list(dest.parent.glob("*"))  # no partial file left

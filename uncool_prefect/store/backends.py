@@ -893,16 +893,27 @@ def _is_missing_bucket(exc: BaseException) -> bool:
     return "NoSuchBucket" in text or "bucket does not exist" in text.lower()
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(
-        names
-        & {
-            "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
-            "ConnectionClosedError", "ClientConnectorError", "ServerDisconnectedError",
-            "ConnectionError", "TimeoutError",
-        }
-    )
+_CONNECTION_ERRORS = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ConnectionClosedError", "ClientConnectorError", "ServerDisconnectedError",
+    "ConnectionError", "TimeoutError",
+}
+
+
+def _is_connection_error(exc: BaseException | None) -> bool:
+    """A network failure, or an error raised while handling one.
+
+    NOTE: s3fs's ranged read handles an OSError by looking at ``args[0]``; the
+    argument-less FSTimeoutError of a stalled download makes that an IndexError
+    whose context is the timeout. The chain is followed a few links deep.
+    """
+    for _ in range(4):
+        if exc is None:
+            return False
+        if {cls.__name__ for cls in type(exc).__mro__} & _CONNECTION_ERRORS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 # A damaged object moved aside: tmp/corrupt-<its path, / as ->-<8 hex>.

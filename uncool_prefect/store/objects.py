@@ -40,6 +40,7 @@ from typing import IO, Any
 from fsspec.callbacks import Callback, NoOpCallback
 
 from .backends import (
+    DIRECT_MIN_SIZE,
     TMP_DIR,
     FsspecBackend,
     LocalBackend,
@@ -321,6 +322,18 @@ class ObjectStore:
         callback = callback or NoOpCallback()
         callback.set_size(size)
         if isinstance(self.backend, LocalBackend):
+            if size < DIRECT_MIN_SIZE:
+                # NOTE: hash first, copy only if new: a file this small is
+                # read again from the page cache for nearly nothing, and a
+                # re-put of a present object (no stat cache: another path, a
+                # rebuilt cache) then writes and fsyncs no temp copy at all.
+                digest, _ = hash_file(source, self.algorithm)
+                if self.backend.freshen(self._rel(digest)):
+                    callback.relative_update(size)
+                    return ObjectRef(digest, size, self.algorithm)
+            # Larger files: one pass that hashes what it copies. Hashing first
+            # would read them twice and double a cold put (measured: 1 GiB
+            # 0.51 s -> 1.1 s), to save a re-put without a stat cache ~0.1 s.
             with open(source, "rb", buffering=0) as stream:
                 return self._ingest_local(stream, callback, size_hint=size)
         digest, _ = hash_file(source, self.algorithm, on_bytes=callback.relative_update)
