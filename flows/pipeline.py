@@ -82,7 +82,7 @@ def split_data(dataset: str, labels: list[str], test_size: float, seed: int) -> 
 @stage(name="trial")
 def trial(train_split: str, params: dict[str, Any], selection: dict[str, Any],
           device: str) -> dict[str, Any]:
-    """One point of the sweep, on a Dask worker: fit, score on held-out rows, refit, store.
+    """One point of the sweep (a thread, or a Dask worker): fit, score on held-out rows, refit, store.
 
     Cached by content like every stage: the same split, params, selection and
     device (and code) give the stored model back without training.
@@ -98,7 +98,7 @@ def trial(train_split: str, params: dict[str, Any], selection: dict[str, Any],
 @flow(name="sweep")
 def sweep(train_split: str, points: list[dict[str, Any]], selection: dict[str, Any], device: str,
           gpu: bool, refresh: bool = False) -> list[dict[str, Any]]:
-    """Every trial submitted at once to the flow's task runner (a Dask cluster).
+    """Every trial submitted at once to the flow's task runner (threads, or a Dask cluster).
 
     Returns each trial's result with its final state (``Completed`` or ``Cached``).
     """
@@ -135,7 +135,9 @@ def train_model(train_split: str, params: dict[str, Any], lineage: dict[str, str
           tracking_uri: str) -> dict[str, Any]:
     """The sweep over ``params["sweep"]``, the best trial's model stored and logged to MLflow.
 
-    The Dask cluster starts here, only on a cache miss: a no-op run starts none.
+    Where the trials run is chosen here, only on a cache miss (a no-op run
+    starts nothing): a small sweep on threads in this process, a big one on a
+    Dask cluster (see uncool_prefect.compute; the log says which and why).
     Each trial is an MLflow child run of this stage's run. The tracking URI is
     an input because the result names an MLflow run: a result cached against
     another MLflow store would name a run it lacks.
@@ -151,7 +153,8 @@ def train_model(train_split: str, params: dict[str, Any], lineage: dict[str, str
                  "seed": int(params.get("seed", 0))}
     points = [{"point": point, "params": labeler.trial_params(params, point)}
               for point in labeler.expand_grid(config.get("grid"))]
-    choice = compute.probe(compute.choose())
+    train_rows = len(labeler.jsonl_to_rows(get_store().get_bytes(train_split)))
+    choice = compute.probe(compute.choose(work=train_rows * len(points)))
     device = str(config.get("device", "auto"))
     if device == "auto":
         device = "gpu" if choice.gpu else "cpu"

@@ -203,3 +203,68 @@ def test_a_folder_without_a_tool_uncool_table_is_a_clear_error(wine: WineProject
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "[tool.uncool]" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def _status(wine: WineProject, *overrides: str) -> tuple[int, dict[str, Any]]:
+    args = ["status", "--json"]
+    for override in overrides:
+        args += ["-S", override]
+    done = wine.uncool(*args)
+    assert done.returncode in (0, 1), done.stdout[-4000:] + done.stderr[-4000:]
+    return done.returncode, json.loads(done.stdout)
+
+
+def _predicted(status: dict[str, Any], *, if_changed: str = "Completed") -> dict[str, str]:
+    """What status says the run's states will be; ``if_changed`` for stages that depend on
+    whether a re-run stage's result changes."""
+    states = {"cached": "Cached", "runs": "Completed", "depends": if_changed}
+    return {s["stage"]: states[s["state"]] for s in status["stages"]}
+
+
+def test_status_says_what_the_next_run_re_runs_and_why(wine: WineProject) -> None:
+    """Checked against what `uncool run` then does: nothing, a param, the data, one stage's code."""
+    code, status = _status(wine)
+    assert code == 1 and not status["up_to_date"] and status["last_run"] is None
+    assert _predicted(status) == dict.fromkeys(STAGES, "Completed")
+    assert status["stages"][0]["reasons"] == ["never ran"]
+    _, first = wine.run()
+
+    code, status = _status(wine)
+    assert code == 0 and status["up_to_date"] and status["last_run"] == first
+    assert _predicted(status) == dict.fromkeys(STAGES, "Cached")
+    plain = wine.uncool("status")
+    assert plain.returncode == 0 and "up to date" in plain.stdout
+
+    code, status = _status(wine, "fit.alpha=2.0")
+    assert code == 1 and status["params_changed"] == ["fit.alpha: 1.0 -> 2.0"]
+    reasons = {s["stage"]: s["reasons"] for s in status["stages"]}
+    assert reasons["fit-model"] == ["argument fit changed"]
+    assert reasons["score"] == ["runs if the result of fit-model changes (it re-runs)"]
+    _, second = wine.run("fit.alpha=2.0")
+    assert wine.states(second) == _predicted(status)
+    assert wine.states(second)["fit-model"] == "Completed"  # the prediction was not all Cached
+
+    # New data: a row more in one file.
+    part = wine.data / "part-1.csv"
+    text = part.read_text(encoding="utf-8")
+    part.write_text(text + text.splitlines()[-1] + "\n", encoding="utf-8")
+    code, status = _status(wine, "fit.alpha=2.0")
+    load = next(s for s in status["stages"] if s["stage"] == "load-table")
+    assert load["state"] == "runs" and load["reasons"][0].startswith("input folder changed (")
+    _, third = wine.run("fit.alpha=2.0")
+    assert wine.states(third) == _predicted(status) == dict.fromkeys(STAGES, "Completed")
+
+    # One stage's code: only it and what takes its result.
+    source = wine.root / "pipelines" / "wine.py"
+    text = source.read_text(encoding="utf-8")
+    marker = "def score(model: RidgeClassifier, features: dict[str, list[Any]]) -> dict[str, float]:\n"
+    assert marker in text
+    source.write_text(text.replace(marker, marker + "    # scored on every row\n"), encoding="utf-8")
+    code, status = _status(wine, "fit.alpha=2.0")
+    reasons = {s["stage"]: s["reasons"] for s in status["stages"]}
+    assert reasons["score"] == ["code changed"] and reasons["fit-model"] == []
+    assert _predicted(status, if_changed="Cached") == {**dict.fromkeys(STAGES, "Cached"),
+                                                       "score": "Completed"}
+    _, fourth = wine.run("fit.alpha=2.0")
+    # A comment changes the code, not the metrics: publish gets the same inputs again.
+    assert wine.states(fourth) == _predicted(status, if_changed="Cached")

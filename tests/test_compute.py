@@ -55,6 +55,25 @@ def test_no_gpu_gives_a_local_cluster_sized_to_the_cores(monkeypatch: pytest.Mon
     assert compute.choose(cores=3).workers == 1
 
 
+def test_a_small_sweep_runs_on_threads_and_a_big_one_on_a_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cluster only where it pays: its start-up costs more than small fits take."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    monkeypatch.setattr(compute, "count_gpus", lambda: (0, "NVML found no GPU driver"))
+    small = compute.choose(cores=2, work=135 * 2)
+    assert small.kind == "threads" and small.workers == 2 and small.cluster_class is None
+    assert "270 training rows x trials, under UNCOOL_SWEEP_DASK_MIN_WORK=100,000" in small.reason
+    assert isinstance(compute.task_runner(small), ThreadPoolTaskRunner)
+    assert compute.choose(cores=2, work=27_000 * 8).kind == "cpu"
+    assert compute.choose(cores=1, work=27_000 * 8).kind == "threads"  # nothing to run beside
+    monkeypatch.setenv("UNCOOL_SWEEP_DASK_MIN_WORK", "0")
+    assert compute.choose(cores=2, work=10).kind == "cpu"
+    assert compute.choose(gpus=1, work=10).kind == "cuda"  # a GPU is worth its cluster
+    assert compute.choose(address="tcp://10.0.0.5:8786", work=10).kind == "address"
+
+
 def test_this_machine_has_no_gpu_and_dask_cuda_is_never_imported() -> None:
     count, why = compute.count_gpus()
     assert count == 0 and why

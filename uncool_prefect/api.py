@@ -44,7 +44,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from prefect import Flow, Task
 from prefect.utilities.hashing import file_hash
@@ -163,6 +163,39 @@ def _stage_body(fn: Callable[..., Any], task_name: Callable[[], str]) -> Callabl
     return run
 
 
+class Stage(Task[Any, Any]):
+    """A Prefect task whose default result storage, inside a pipeline run, is the block
+    the run already loaded.
+
+    NOTE: Prefect resolves a storage given by slug on every task run: a call to
+    the server, and the first time, an import of every installed Prefect
+    collection (prefect-dask and distributed among them: ~0.25 s of a no-op
+    run). Elsewhere (a Dask worker, a plain call) the slug stands.
+    """
+
+    _default_storage: str | None = None
+
+    @property
+    def result_storage(self) -> Any:
+        storage = self.__dict__.get("_result_storage")
+        if storage is not None and storage == self._default_storage:
+            recorder = active_recorder()
+            if recorder is not None and recorder.result_storage is not None:
+                return recorder.result_storage
+        return storage
+
+    @result_storage.setter
+    def result_storage(self, value: Any) -> None:
+        self.__dict__["_result_storage"] = value
+
+    def with_options(self, *args: Any, **kwargs: Any) -> Any:
+        copy = cast(Stage, super().with_options(*args, **kwargs))
+        if "result_storage" not in kwargs:  # keep the slug, not this run's block
+            copy.result_storage = self.__dict__.get("_result_storage")
+            copy._default_storage = self._default_storage
+        return copy
+
+
 def storage_slug() -> str:
     """The result storage of stages: the project's ContentAddressedStorage block, by name."""
     return f"{BLOCK_SLUG}/{get_settings().block}"
@@ -205,8 +238,9 @@ def stage(fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
             options[option] = [*(options.get(option) or []), hook]
         if name:
             options["name"] = name
-        made: list[Task[Any, Any]] = []
-        task = Task(fn=_stage_body(function, lambda: made[0].name), **options)
+        made: list[Stage] = []
+        task = Stage(fn=_stage_body(function, lambda: made[0].name), **options)
+        task._default_storage = storage_slug()
         made.append(task)
         return task
 
@@ -225,14 +259,16 @@ def _recording(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @contextlib.contextmanager
     def recorded(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[inspect.BoundArguments]:
-        from .blocks import ensure_store_block
+        from .blocks import saved_store_block
 
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         _fill_from_params_file(bound, source_file)
-        store = ensure_store_block(get_settings().block)
+        block = saved_store_block(get_settings().block)
+        store = block.store
         recorder = Recorder(store, params=_json_safe(dict(bound.arguments)), source_file=source_file,
-                            snapshot_code=lambda: snapshot_code(store, *project_code(source_file)))
+                            snapshot_code=lambda: snapshot_code(store, *project_code(source_file)),
+                            result_storage=block)
         started, token = time.time(), start_recording(recorder)
         try:
             yield bound
@@ -250,12 +286,14 @@ def _recording(fn: Callable[..., Any]) -> Callable[..., Any]:
         async def run_async(*args: Any, **kwargs: Any) -> Any:
             with recorded(args, kwargs) as bound:
                 return await fn(*bound.args, **bound.kwargs)
+        run_async._uncool_recording = True  # type: ignore[attr-defined]
         return run_async
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         with recorded(args, kwargs) as bound:
             return fn(*bound.args, **bound.kwargs)
+    run._uncool_recording = True  # type: ignore[attr-defined]
     return run
 
 

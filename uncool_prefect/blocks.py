@@ -14,6 +14,7 @@ import base64
 import binascii
 import contextlib
 import json
+import time
 from typing import Any, Literal
 
 from prefect._internal.compatibility.async_dispatch import async_dispatch
@@ -252,7 +253,20 @@ def _run_context() -> dict[str, Any]:
 
 
 def ensure_store_block(block_name: str) -> ObjectStore:
-    """Point the block ``block_name`` at the store the settings name; return that store.
+    """Point the block ``block_name`` at the store the settings name; return that store."""
+    return saved_store_block(block_name).store
+
+
+# NOTE: (block name, store URL) -> (when, the saved block), so that `uncool run`
+# and the pipeline it starts load the block from the server once. Kept a minute
+# only: a long-lived process (the watcher) re-checks that no other project
+# re-pointed the block.
+_SAVED: dict[tuple[str, str], tuple[float, ContentAddressedStorage]] = {}
+_SAVED_FOR_S = 60.0
+
+
+def saved_store_block(block_name: str) -> ContentAddressedStorage:
+    """The block ``block_name``, saved and pointing at the store the settings name.
 
     The block lives on the (often shared) Prefect server while the store and
     MLflow live with the project; a block left pointing at another project's
@@ -265,12 +279,16 @@ def ensure_store_block(block_name: str) -> ObjectStore:
     from prefect.exceptions import ObjectNotFound
 
     wanted = get_settings().store_url
+    known = _SAVED.get((block_name, wanted))
+    if known is not None and time.monotonic() - known[0] < _SAVED_FOR_S:
+        return known[1]
     try:
         block: ContentAddressedStorage | None = ContentAddressedStorage.load(block_name)  # type: ignore[assignment]
     except (ValueError, ObjectNotFound):
         block = None
     if block is not None and block.basepath == wanted:
-        return block.store
+        _SAVED[(block_name, wanted)] = (time.monotonic(), block)
+        return block
     fresh = ContentAddressedStorage(basepath=wanted)
     fresh.save(block_name, overwrite=True)
     if block is not None:
@@ -281,4 +299,5 @@ def ensure_store_block(block_name: str) -> ObjectStore:
               "their deployed runs use each other's store: unset UNCOOL_BLOCK (one block "
               "per store by default) or give each project its own.",
               file=sys.stderr)
-    return fresh.store
+    _SAVED[(block_name, wanted)] = (time.monotonic(), fresh)
+    return fresh

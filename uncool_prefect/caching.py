@@ -83,7 +83,7 @@ class ContentAware(CachePolicy):
         Raises:
             ValueError: a path argument names nothing on disk.
         """
-        from .recording import note_object_uses, note_path_input, replayed_path
+        from .recording import note_key, note_object_uses, note_path_input, replayed_path
 
         code_key = code_hash(task_ctx.task.fn, self.project_roots) if task_ctx else None
         task_name = task_ctx.task.name if task_ctx else "?"
@@ -111,7 +111,9 @@ class ContentAware(CachePolicy):
         inputs_key = Inputs(exclude=self.exclude).compute_key(task_ctx, data, flow_parameters)
         if code_key is None and inputs_key is None:
             return None
-        return hash_objects(_KEY_VERSION, code_key, inputs_key, raise_on_failure=True)
+        key = hash_objects(_KEY_VERSION, code_key, inputs_key, raise_on_failure=True)
+        note_key(run_id, key_ingredients(key, code_key, data, self.exclude))
+        return key
 
     def __sub__(self, other: str) -> CachePolicy:
         """``policy - "name"`` leaves an argument out of the key, as with ``INPUTS``."""
@@ -139,6 +141,26 @@ class ContentAware(CachePolicy):
         self.__dict__.update(state)
         if state["store"] is not None:
             self.store = _settings_store(*state["store"])
+
+
+def key_ingredients(key: str | None, code_key: str | None, data: dict[str, Any],
+                    exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """What a cache key was made of, per part, so that a changed key can say why.
+
+    ``args`` maps each argument to the content id of the path it named
+    (``content:<algorithm>:<id>``) or a short hash of its value; ``uncool
+    status`` compares them with the last run's.
+    """
+    args: dict[str, str | None] = {}
+    for name, value in data.items():
+        if name in exclude:
+            continue
+        if isinstance(value, str) and value.startswith("content:"):
+            args[name] = value
+        else:
+            digest = hash_objects(value)  # None where unhashable: "cannot tell" later
+            args[name] = digest[:16] if digest else None
+    return {"key": key, "code": code_key, "args": args}
 
 
 CONTENT_AWARE = ContentAware()

@@ -8,7 +8,11 @@ The choice, in this order (the first that applies wins):
 2. NVML reports GPUs (and the ``gpu`` extra is installed): a
    ``dask_cuda.LocalCUDACluster``, one worker per GPU, each with the resource
    ``GPU=1``.
-3. Otherwise a ``distributed.LocalCluster``, one single-threaded worker process
+3. A small sweep (fewer training rows x trials than ``UNCOOL_SWEEP_DASK_MIN_WORK``,
+   100,000 by default) runs on a thread pool in the flow's own process: a
+   local cluster takes seconds to start (its workers import Prefect and
+   scikit-learn), far more than fits of a few hundred rows take.
+4. Otherwise a ``distributed.LocalCluster``, one single-threaded worker process
    per core (scikit-learn fits hold the GIL).
 
 Nothing starts on import, nor when the runner is built: the cluster starts when
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("uncool_prefect.compute")
 
-Kind = Literal["address", "cuda", "cpu"]
+Kind = Literal["address", "cuda", "cpu", "threads"]
 
 
 class ComputeError(ConnectionError):
@@ -56,7 +60,8 @@ class RunnerChoice:
     """Which Dask cluster the sweep runs on, and why.
 
     Attributes:
-        kind: ``address`` (an existing cluster), ``cuda`` (LocalCUDACluster) or ``cpu``.
+        kind: ``address`` (an existing cluster), ``cuda`` (LocalCUDACluster), ``cpu``
+            (LocalCluster) or ``threads`` (no cluster: a thread pool in the flow's process).
         reason: one sentence for the log.
         workers: workers of a local cluster (0 for an existing one: it has its own).
         gpu: whether trials are annotated with ``resources={"GPU": 1}`` and train on the GPU.
@@ -100,14 +105,16 @@ def count_gpus() -> tuple[int, str]:
 
 
 def choose(address: str | None = None, gpus: int | None = None, cores: int | None = None,
-           workers: int | None = None) -> RunnerChoice:
-    """Pick the cluster: ``address`` > GPUs > the local cores.
+           workers: int | None = None, work: int | None = None) -> RunnerChoice:
+    """Pick the cluster: ``address`` > GPUs > threads for small work > the local cores.
 
     Args:
         address: an existing scheduler; default ``UNCOOL_DASK_ADDRESS``.
         gpus: GPUs on this machine; default: asked of NVML (:func:`count_gpus`).
         cores: cores for a CPU cluster; default: the ones this process may use.
         workers: local workers; default ``UNCOOL_DASK_WORKERS``, else one per GPU or core.
+        work: the sweep's size, training rows x trials; below
+            ``UNCOOL_SWEEP_DASK_MIN_WORK`` it runs on threads. None: size unknown.
     """
     settings = get_settings()
     address = address if address is not None else settings.dask_address
@@ -131,6 +138,13 @@ def choose(address: str | None = None, gpus: int | None = None, cores: int | Non
     cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                       else os.cpu_count() or 1)
     n = workers or cores
+    threshold = settings.sweep_dask_min_work
+    if work is not None and (work < threshold or n < 2):
+        small = (f"{work:,} training rows x trials, under UNCOOL_SWEEP_DASK_MIN_WORK={threshold:,}"
+                 if n >= 2 else "one core: a cluster could not run trials side by side")
+        return RunnerChoice(
+            "threads", f"no GPU, {why}; {small}: a thread pool in this process "
+            f"({n} thread(s)), no Dask cluster to start", workers=n)
     return RunnerChoice(
         "cpu", f"no GPU, {why}: distributed.LocalCluster, {n} worker process(es) x 1 thread",
         workers=n,
@@ -202,16 +216,22 @@ def probe(choice: RunnerChoice) -> RunnerChoice:
 
 def task_runner(choice: RunnerChoice | None = None,
                 log: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> DaskTaskRunner:
-    """A ``DaskTaskRunner`` for ``choice`` (default: :func:`choose`), with one log line.
+    """A ``DaskTaskRunner`` for ``choice`` (default: :func:`choose`), with one log line;
+    a Prefect ``ThreadPoolTaskRunner`` for ``threads``.
 
     ``log`` takes that line (e.g. a Prefect run logger, so the UI shows it).
 
     Raises:
         ComputeError: ``UNCOOL_DASK_ADDRESS`` names a scheduler that does not answer.
     """
+    choice = choice or choose()
+    if choice.kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        (log or logger).info("task runner: %s", choice.reason)
+        return ThreadPoolTaskRunner(max_workers=choice.workers)  # type: ignore[return-value]
     from prefect_dask import DaskTaskRunner
 
-    choice = choice or choose()
     (log or logger).info("Dask task runner: %s", choice.reason)
     if choice.kind == "address":
         assert choice.address is not None

@@ -40,6 +40,8 @@ class StageRun:
     outputs: dict[str, str] = field(default_factory=dict)
     inputs: dict[str, dict[str, str]] = field(default_factory=dict)
     uses: list[str] = field(default_factory=list)
+    # What its cache key was made of (see caching.key_ingredients), for `uncool status`.
+    key: dict[str, Any] | None = None
     # Task runs whose results were arguments of this one (Prefect's own dependency tracking).
     after: list[str] = field(default_factory=list)
     error: str | None = None
@@ -58,10 +60,13 @@ class Recorder:
     source_file: str | None = None
     # Takes the code snapshot ({"snapshot": object id, git...}) when first needed.
     snapshot_code: Callable[[], dict[str, Any]] | None = None
+    # The saved result storage block, handed to stages in this process (see api.Stage).
+    result_storage: Any = None
     stages: dict[str, StageRun] = field(default_factory=dict)
     models: list[dict[str, Any]] = field(default_factory=list)
     _inputs: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
     _uses: dict[str, list[str]] = field(default_factory=dict)
+    _keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def note_input(self, task_run_id: str, argument: str, url: str, version: str) -> None:
@@ -71,6 +76,10 @@ class Recorder:
     def note_uses(self, task_run_id: str, object_ids: list[str]) -> None:
         with self._lock:
             self._uses[task_run_id] = object_ids
+
+    def note_key(self, task_run_id: str, ingredients: dict[str, Any]) -> None:
+        with self._lock:
+            self._keys[task_run_id] = ingredients
 
     def note_model(self, registration: dict[str, Any]) -> None:
         with self._lock:
@@ -122,7 +131,7 @@ class Recorder:
                 task=task.name, task_run_id=run_id, state=str(state.name), started=started,
                 result=result_oid, outputs=self._outputs(value),
                 inputs=self._inputs.get(run_id, {}), uses=self._uses.get(run_id, []),
-                after=after, error=error,
+                after=after, error=error, key=self._keys.get(run_id),
             )
 
     def _result_object(self, state: Any) -> str | None:
@@ -216,6 +225,13 @@ def note_path_input(task_run_id: str | None, argument: str, path: str) -> str | 
     version = recorder.store.put(path).name
     recorder.note_input(task_run_id, argument, os.path.abspath(path), version)
     return f"{recorder.store.algorithm}:{version}"
+
+
+def note_key(task_run_id: str | None, ingredients: dict[str, Any]) -> None:
+    """What a stage's cache key was made of, kept in the run record."""
+    recorder = _RECORDER.get()
+    if recorder is not None and task_run_id is not None:
+        recorder.note_key(task_run_id, ingredients)
 
 
 def note_object_uses(task_run_id: str | None, inputs: dict[str, Any]) -> None:

@@ -54,6 +54,12 @@ class UncoolSettings(BaseSettings):
         default=None, description="Workers of the local Dask cluster; default: one per GPU, "
         "else one per core.",
     )
+    sweep_dask_min_work: int = Field(
+        default=100_000,
+        description="Without an address or GPUs, a sweep of fewer training rows x trials runs "
+        "on threads in the flow's process: a local Dask cluster costs seconds to start, more "
+        "than small fits take (see bench/sweep.py). 0: always a local Dask cluster.",
+    )
 
     @property
     def store_url(self) -> str:

@@ -17,7 +17,7 @@ from typing import Annotated
 
 from cyclopts import Parameter
 
-from ..project.deploy import POOL, WORKER_QUERY_SECONDS
+from ..project import POOL, WORKER_QUERY_SECONDS
 from .common import app
 
 Name = Annotated[str | None, Parameter(help="Dataset name: events are about uncool.dataset.NAME, "

@@ -62,6 +62,57 @@ def run(
     return 0
 
 
+@app.command
+def status(
+    *,
+    set_: Annotated[
+        tuple[str, ...],
+        Parameter(name=["--set", "-S"], help="As for uncool run: the status of a run with "
+                  "these overrides."),
+    ] = (),
+    params: Annotated[Path | None, Parameter(help="Params file, as for uncool run.")] = None,
+    json_: Annotated[bool, Parameter(name="--json", help="Print JSON for scripts.")] = False,
+) -> int:
+    """Which stages `uncool run` would re-run, and why; runs nothing (like dvc status).
+
+    Each stage's cache key is made as the run would make it (code, arguments,
+    the content of path arguments) and looked up in the store: no flow run,
+    no server. A stage that would run says why, compared with the pipeline's
+    last run: code changed, an argument changed, an input's content changed,
+    or (maybe) a stage it takes a result from re-runs. The pipeline function's own
+    body does run (it reads the params and may check the data), its stages
+    never. Exit 0 when up to date, 1 when something would run.
+    """
+    from ..config import load_config
+    from ..project import runner
+    from ..project.status import pipeline_status
+
+    config = load_config()
+    resolved = runner.resolve_params(config, params, list(set_))
+    found = pipeline_status(config, resolved)
+    if json_:
+        print(json.dumps(found.as_dict(), indent=1))
+        return 0 if found.up_to_date else 1
+    out.print(f"pipeline {found.flow_name} (compared with run {found.last_run or '-: none yet'})",
+              markup=False)
+    table = Table(show_header=True)
+    table.add_column("stage")
+    table.add_column("next run")
+    table.add_column("why")
+    for stage in found.stages:
+        shown = {"cached": "Cached", "runs": "runs", "depends": "maybe"}[stage.state]
+        table.add_row(stage.name, shown, "; ".join(stage.reasons))
+    out.print(table)
+    for line in found.params_changed:
+        out.print(f"params changed  {line}", markup=False)
+    if found.stopped:
+        err.print(f"the pipeline body stopped: {found.stopped}", markup=False)
+    out.print("up to date: uncool run would find every stage Cached" if found.up_to_date
+              else "uncool run would re-run the stages marked runs (and those marked maybe "
+                   "if their inputs come out different)")
+    return 0 if found.up_to_date else 1
+
+
 def print_summary(outcome: Any, ui_url: str) -> None:
     """What ran and what was Cached, the data version, the model decision, the links."""
     from .. import tracking

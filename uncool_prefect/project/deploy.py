@@ -26,13 +26,10 @@ from ..config import ProjectConfig
 from ..settings import get_settings
 from ..store import ObjectRef, ObjectStore
 from ..store.objects import cache_dir
-from . import server
+from . import POOL, WORKER_QUERY_SECONDS, server
 
-POOL = "uncool-local"
 WATCH_FLOW = "uncool-watch"
 CODE_REF = "deployments/code"
-# Seconds between a worker's polls for scheduled runs (Prefect's default: 10).
-WORKER_QUERY_SECONDS = 0.5
 
 
 class DeployError(RuntimeError):
