@@ -17,7 +17,9 @@ Timed from t0, read from the server: the watcher's log line saying the event
 was sent, the flow run of ``on-new-data`` created
 by the trigger (``created``), and the run entering Running (its
 ``start_time``, set by the server), then Completed. The next arrival waits
-until the run is over. Goal: p50 <= 5 s and p95 <= 15 s to Running.
+until the run is over. Goals: p50 <= 3 s and p95 <= 6 s to Running; p50 <= 10 s
+to Completed (the decision recorded). The worker polls every 0.5 s
+(``uncool worker``'s default).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from _common import loadavg, prefect_server
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / ".work" / "latency"
-GOAL_P50_S, GOAL_P95_S = 5.0, 15.0
+GOAL_P50_S, GOAL_P95_S = 3.0, 6.0
+GOAL_DONE_P50_S = 10.0
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -115,6 +118,11 @@ def bench(arrivals: int) -> int:
     print(f"{'flow run Running':<28}{p50:8.2f}{p95:8.2f}{max(running):8.2f}   "
           f"p50 <= {GOAL_P50_S:g}, p95 <= {GOAL_P95_S:g}: "
           f"{'met' if p50 <= GOAL_P50_S and p95 <= GOAL_P95_S else 'MISSED'}")
+    finished = [r[3] for r in rows]
+    done_p50 = statistics.median(finished)
+    print(f"{'flow run Completed':<28}{done_p50:8.2f}{_percentile(finished, 95):8.2f}"
+          f"{max(finished):8.2f}   p50 <= {GOAL_DONE_P50_S:g}: "
+          f"{'met' if done_p50 <= GOAL_DONE_P50_S else 'MISSED'}")
     print(f"runs completed: {sum(r[4] == 'Completed' for r in rows)}/{len(rows)}; "
           f"load average {loadavg()}")
     return 0 if all(r[4] == "Completed" for r in rows) else 1
