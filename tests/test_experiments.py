@@ -1,14 +1,18 @@
-"""`uncool exp show` and `uncool diff` over three real pipeline runs.
+"""`uncool exp show` and `uncool diff` over three real pipeline runs, and over many records on S3.
 
 Run 1 uses the defaults, run 2 sets ``train.C=0.5``, run 3 adds a day of data.
 The runs go through `uncool run` against the test Prefect server; the
-comparisons are then made in-process from the run records they wrote.
+comparisons are then made in-process from the run records they wrote. The S3
+tests write records shaped like those into a bucket on moto.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sqlite3
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +25,7 @@ from uncool_prefect.records.targets import TargetError, resolve_target
 from uncool_prefect.sources import write_sample, write_sample_day
 from uncool_prefect.store import ObjectStore
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_server")]
+pytestmark = [pytest.mark.slow]
 
 
 
@@ -38,7 +42,7 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+def runs(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> Runs:
     project = Project(tmp_path_factory.mktemp("experiments"), "test-experiments")
     write_sample(project.data, days=2, seed=3)
     ids = [project.run_flow()[1], project.run_flow("train.C=0.5")[1]]
@@ -78,6 +82,7 @@ def test_exp_show_lists_each_run_with_what_differs_from_the_first(runs: Runs) ->
 
     rendered = experiments.render_table(table)
     assert [c.header for c in rendered.columns][5] == "train.C"
+    assert _text(experiments.render_columns(table)) == _text(rendered)
     document = json.loads(experiments.to_json(table))
     assert [r["run_id"] for r in document["rows"]] == runs.ids
     assert document["rows"][0]["baseline"] is True
@@ -177,3 +182,154 @@ def test_an_empty_store_and_a_home_without_mlflow(tmp_path: Path) -> None:
     record = {"flow_run_id": "x", "mlflow": {"model_name": "issue-labeler", "model_version": "1"}}
     assert experiments.champion_run_ids([record], tmp_path) == set()
     assert not (tmp_path / "mlflow.db").exists()  # looking does not create a tracking store
+
+
+def _text(renderable: object, width: int = 400) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=width, force_terminal=True, color_system="standard")
+    console.print(renderable)
+    return console.export_text(styles=True)
+
+
+def test_the_column_layout_prints_what_the_row_layout_prints(tmp_path: Path) -> None:
+    """Same text and colors, markup-like values printed as they are."""
+    store = ObjectStore(tmp_path / "store")
+    for i, record in enumerate(_records(5)):
+        record["params"]["train"]["note"] = ["[bold]x[/bold]", ":smile:", "wide " * i]
+        store.put_run_record(record["flow_run_id"], record)
+    table = experiments.exp_rows(store, tmp_path)
+    by_rows = _text(experiments.render_table(table))
+    assert _text(experiments.render_columns(table)) == by_rows
+    assert "[bold]x[/bold]" in by_rows and ":smile:" in by_rows
+
+
+def _records(n: int) -> list[dict[str, object]]:
+    """Run records shaped like the example's (the fields exp show reads), one a minute."""
+    start = time.time() - 3600 * 24
+    return [{
+        "version": 2, "flow_run_id": str(uuid.UUID(int=(i + 1) << 96)), "flow_name": "train-evaluate-deploy",
+        "started": start + 60 * i, "state": "Completed", "trigger": {"kind": "user"},
+        "params": {"train": {"C": 4.0 if i % 3 else 0.5, "classifier": "ridge"}},
+        "data": f"{i // 10:064x}.dir",
+        "models": [{"name": "issue-labeler", "version": str(i + 1),
+                    "metrics": {"accuracy": 0.5 + i / 200, "macro_f1": 0.4 + i / 200}}],
+        "mlflow": {"model_name": "issue-labeler", "model_version": str(i + 1)},
+    } for i in range(n)]
+
+
+def _s3_store(url: str, endpoint: str, state: Path) -> ObjectStore:
+    from conftest import s3_options
+
+    return ObjectStore(url, storage_options=s3_options(endpoint), state_dir=state)
+
+
+def test_exp_show_over_many_records_on_s3(tmp_path: Path, s3_endpoint: str, s3_bucket: str,
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """One listing, parallel reads: every record, in order, with its config change and metrics."""
+    url = f"s3://{s3_bucket}/store"
+    store = _s3_store(url, s3_endpoint, tmp_path / "state")
+    records = _records(50)
+    for record in reversed(records):  # written newest first: the order shown is by start
+        store.put_run_record(str(record["flow_run_id"]), record)
+
+    table = experiments.exp_rows(store, tmp_path)
+    assert [row.run_id for row in table.rows] == [r["flow_run_id"] for r in records]
+    assert table.baseline == records[0]["flow_run_id"]
+    assert table.config_keys == ["train.C"] and table.metric_names == ["accuracy", "macro_f1"]
+    for i, row in enumerate(table.rows):
+        assert row.config == ({} if i % 3 == 0 else {"train.C": 4.0})
+        assert row.metrics == {"accuracy": 0.5 + i / 200, "macro_f1": 0.4 + i / 200}
+        assert row.model_version == str(i + 1) and row.data == f"{i // 10:064x}.dir"
+        assert not row.champion  # no registry here
+
+    from uncool_prefect.cli.experiments import exp_app
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("UNCOOL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("UNCOOL_STATE_DIR", str(tmp_path / "cli-state"))
+    exp_app(["show", "--basepath", url, "--json"], result_action="return_value")
+    document = json.loads(capsys.readouterr().out)
+    assert [r["run_id"] for r in document["rows"]] == [r["flow_run_id"] for r in records]
+    exp_app(["show", "--basepath", url], result_action="return_value")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert [line.split("│")[1].split()[0] for line in lines] == [
+        str(r["flow_run_id"])[:8] for r in records]
+    assert "(base)" in lines[0] and "0.6450" in lines[-1]
+
+
+def test_records_read_once_come_from_the_cache_until_they_change(
+        tmp_path: Path, s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"s3://{s3_bucket}/store"
+    records = _records(12)
+    store = _s3_store(url, s3_endpoint, tmp_path / "state")
+    for record in records:
+        store.put_run_record(str(record["flow_run_id"]), record)
+    reads: list[str] = []
+
+    def counting(store: ObjectStore) -> ObjectStore:
+        original = store.backend.read_bytes
+
+        def read_bytes(rel: str) -> bytes:
+            reads.append(rel)
+            return original(rel)
+
+        monkeypatch.setattr(store.backend, "read_bytes", read_bytes)
+        return store
+
+    def shown() -> list[dict[str, object]]:
+        reads.clear()
+        return experiments.read_records(counting(_s3_store(url, s3_endpoint, tmp_path / "state")))
+
+    # Just written: younger than the racy window, so read every time.
+    assert [r["flow_run_id"] for r in shown()] == [r["flow_run_id"] for r in records]
+    assert len(reads) == 12 and not (tmp_path / "state" / experiments.RECORD_CACHE).exists()
+    monkeypatch.setattr(experiments, "RACY_S", -10.0)  # as if they were written long ago
+    assert len(shown()) == 12 and len(reads) == 12
+    assert shown() == records and reads == []  # all from the cache
+
+    changed = {**records[3], "flow_name": "other-flow"}
+    store.put_run_record(str(changed["flow_run_id"]), changed)
+    store.backend.delete(f"runs/{records[5]['flow_run_id']}.json")
+    again = shown()
+    assert reads == [f"runs/{changed['flow_run_id']}.json"]
+    assert again == [changed if r is records[3] else r for r in records if r is not records[5]]
+
+    (tmp_path / "state" / experiments.RECORD_CACHE).write_text("{not json")
+    assert shown() == again and len(reads) == 11  # a damaged cache is only a slower look
+
+
+def _registry(path: Path, workspace: bool) -> None:
+    """The two tables of MLflow's SQLite registry that exp show reads, as MLflow 3 makes them."""
+    extra = ", workspace VARCHAR(63) DEFAULT 'default' NOT NULL" if workspace else ""
+    with sqlite3.connect(path) as db:
+        db.execute(f"CREATE TABLE registered_model_aliases (alias VARCHAR(256), version INTEGER, "
+                   f"name VARCHAR(256){extra})")
+        db.execute(f'CREATE TABLE model_version_tags ("key" VARCHAR(250), value TEXT, '
+                   f"name VARCHAR(256), version INTEGER{extra})")
+        db.execute("INSERT INTO registered_model_aliases (alias, version, name) "
+                   "VALUES ('champion', 7, 'issue-labeler'), ('challenger', 9, 'issue-labeler')")
+        db.execute("INSERT INTO model_version_tags (\"key\", value, name, version) "
+                   "VALUES ('prefect_flow_run_id', 'run-7', 'issue-labeler', 7)")
+
+
+@pytest.mark.parametrize("workspace", [True, False])
+def test_the_champion_is_read_from_the_sqlite_registry_without_mlflow(
+        tmp_path: Path, workspace: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    _registry(tmp_path / "mlflow.db", workspace)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # importing it would fail
+    records = [{"flow_run_id": f"run-{v}", "mlflow": {"model_name": "issue-labeler",
+                                                      "model_version": str(v)}} for v in (6, 7, 8)]
+    assert experiments.champion_run_ids(records, tmp_path) == {"run-7"}
+    # The tagged run is gone: the earliest run holding that version.
+    others = [{"flow_run_id": "copy", "mlflow": {"model_name": "issue-labeler", "model_version": "7"}}]
+    assert experiments.champion_run_ids(others, tmp_path) == {"copy"}
+
+
+def test_a_registry_of_another_shape_is_asked_through_mlflow(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        db.execute("CREATE TABLE something_else (x INTEGER)")
+    assert experiments._sqlite_champions(tmp_path / "mlflow.db", ["issue-labeler"], "champion") is None

@@ -24,13 +24,15 @@ exp_app = cyclopts.App(
 app.command(exp_app)
 
 JsonOutput = Annotated[bool, Parameter(name="--json", help="Print JSON instead of a table.")]
+# Piped output is printed at the table's natural width, up to this many columns.
+PIPED_MAX_WIDTH = 1000
 
 
 def _print(renderable: RenderableType) -> None:
     # NOTE: piped (not a terminal), the table is printed at its natural width
     # instead of squeezing a dozen columns into 80.
     if not out.is_terminal:
-        needed = out.measure(renderable, options=out.options.update_width(1000)).maximum
+        needed = out.measure(renderable, options=out.options.update_width(PIPED_MAX_WIDTH)).maximum
         if needed > out.width:
             wide = Console(file=out.file, width=needed, highlight=False, soft_wrap=True)
             wide.print(renderable)
@@ -67,7 +69,15 @@ def show(
     if not table.rows:
         _print("no runs recorded yet: run `uncool run` first")
         return
-    _print(experiments.render_table(table))
+    _print_rows(table)
+
+
+def _print_rows(table: experiments.ExpTable) -> None:
+    """The table, laid out by column when it fits (fast), else row by row (rows wrap together)."""
+    fast = experiments.render_columns(table)
+    limit = out.width if out.is_terminal else PIPED_MAX_WIDTH
+    natural = out.measure(fast, options=out.options.update_width(limit + 1)).maximum
+    _print(fast if natural <= limit else experiments.render_table(table))
 
 
 @exp_app.command(name="diff")
