@@ -61,6 +61,12 @@ class UncoolSettings(BaseSettings):
         "than small fits take (see bench/sweep.py). 0: always a local Dask cluster.",
     )
 
+    lock_lease: float = Field(
+        default=60.0, gt=0,
+        description="Seconds a stage's lock outlives a run that was killed (SIGKILL, a lost "
+        "machine) before another run takes it over; a live run renews it every third of that.",
+    )
+
     @property
     def store_url(self) -> str:
         return self.store or str((self.home / "store").absolute())

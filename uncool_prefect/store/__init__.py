@@ -3,6 +3,7 @@
 from .errors import (
     CorruptObjectError,
     InvalidKeyError,
+    LockNotHeldError,
     ObjectNotFoundError,
     StoreError,
     StoreFullError,
@@ -12,12 +13,15 @@ from .errors import (
 from .gc import GcReport
 from .hashing import Manifest, ManifestEntry, StatCache, hash_bytes, hash_file
 from .keys import parse_oid, validate_relpath
+from .locks import LockInfo, StoreLocks
 from .objects import ObjectInfo, ObjectRef, ObjectStore, Problem, Usage
 
 __all__ = [
     "CorruptObjectError",
     "GcReport",
     "InvalidKeyError",
+    "LockInfo",
+    "LockNotHeldError",
     "Manifest",
     "ManifestEntry",
     "ObjectInfo",
@@ -28,6 +32,7 @@ __all__ = [
     "StatCache",
     "StoreError",
     "StoreFullError",
+    "StoreLocks",
     "StorePermissionError",
     "StoreUnavailableError",
     "Usage",

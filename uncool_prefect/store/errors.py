@@ -63,3 +63,22 @@ class StoreFullError(StoreError):
 
 class InvalidKeyError(StoreError, ValueError):
     """A key or object id is malformed or tries to leave the store's folder."""
+
+
+class LockNotHeldError(StoreError, ValueError):
+    """A lock was released (or renewed) by someone who does not hold it.
+
+    A ``ValueError`` too, as Prefect's own lock managers raise.
+    """
+
+    def __init__(self, key: str, holder: str, url: str, current: object = None) -> None:
+        self.key = key
+        self.holder = holder
+        self.url = url
+        self.current = current
+        if current is None:
+            who = "nobody holds it (released, or its lease expired)"
+        else:
+            who = (f"it is held by {getattr(current, 'holder', '?')} (host "
+                   f"{getattr(current, 'host', '?')}, pid {getattr(current, 'pid', '?')})")
+        super().__init__(f"cannot release lock {key!r} in the store at {url} for {holder}: {who}")
