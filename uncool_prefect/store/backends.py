@@ -236,8 +236,6 @@ class LocalBackend:
     """A store in a local folder: atomic, durable, read-only objects."""
 
     is_local = True
-    # Re-touching an existing object is a cheap utime here.
-    freshen_after_s = 1.0
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().absolute()
@@ -431,6 +429,16 @@ class LocalBackend:
         with _local_errors(self.url):
             _syncfs(self.root)
 
+    def fsync_paths(self, paths: Iterable[str | os.PathLike[str]]) -> None:
+        """fsync each file or folder given (a small batch's alternative to :meth:`sync`)."""
+        for path in paths:
+            with _local_errors(os.fspath(path)):
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
     def write_bytes(self, rel: str, data: bytes, *, overwrite: bool = False) -> bool:
         temp = Path(self.write_temp_bytes(data))
         if overwrite:
@@ -452,11 +460,13 @@ class LocalBackend:
 
         Returns False if the object vanished (a gc took it): write it again.
         """
-        path = self._root_s + rel
+        # NOTE: one utime, not a stat and then a utime if the object is older
+        # than a second: the utime fails on a missing object just the same,
+        # and a re-put of unchanged data finds objects days old, so it paid
+        # for both calls on every file (200,000 objects on this VM, busy: both
+        # 3.4-4.9 s, the utime alone 2.4-2.6 s).
         try:
-            st = os.stat(path)
-            if time.time() - st.st_mtime > self.freshen_after_s:
-                os.utime(path)
+            os.utime(self._root_s + rel)
         except FileNotFoundError:
             return False
         except PermissionError:
