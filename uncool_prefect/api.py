@@ -227,12 +227,23 @@ def stage(fn: Callable[..., Any] | None = None, /, *, name: str | None = None,
         A ``prefect.Task``.
     """
     def decorate(function: Callable[..., Any]) -> Task[Any, Any]:
+        from prefect.cache_policies import CachePolicy
+
         options: dict[str, Any] = {
             "cache_policy": ContentAware(paths=tuple(paths)),
             "result_storage": storage_slug(),
             "persist_result": True,
             **task_options,
         }
+        policy = options["cache_policy"]
+        # Two runs that reach this stage with the same inputs compute it once: the
+        # other waits on the key's lock in the store, then finds the result (Cached).
+        if isinstance(policy, CachePolicy) and policy.isolation_level is None \
+                and policy.lock_manager is None:
+            from .locking import StoreLockManager
+
+            options["cache_policy"] = policy.configure(isolation_level="SERIALIZABLE",
+                                                       lock_manager=StoreLockManager())
         hooks = {"on_completion": record_state, "on_failure": record_state}
         for option, hook in hooks.items():
             options[option] = [*(options.get(option) or []), hook]

@@ -15,7 +15,7 @@ import binascii
 import contextlib
 import json
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.filesystems import WritableFileSystem
@@ -28,6 +28,9 @@ from .settings import get_settings
 from .store import ObjectStore, StoreError
 from .store.gc import find_object_ids
 from .store.keys import normalize_key
+
+if TYPE_CHECKING:
+    from .locking import StoreLockManager
 
 _RECORD_KEYS = {"metadata", "result"}
 
@@ -103,6 +106,14 @@ class ContentAddressedStorage(WritableFileSystem):
                 verify_reads=self.verify_reads,
             )
         return self._store
+
+    @property
+    def lock_manager(self) -> StoreLockManager:
+        """Prefect's lock manager on this store (``locks/`` beside the results), for
+        ``cache_policy.configure(isolation_level="SERIALIZABLE", lock_manager=...)``."""
+        from .locking import StoreLockManager
+
+        return StoreLockManager(self.store)
 
     def _fsspec_options(self) -> dict[str, Any]:
         options: dict[str, Any] = dict(self.storage_options.get_secret_value() or {})

@@ -81,7 +81,11 @@ class StoreLockManager(LockManager):
             from .api import get_store
 
             store = get_store()
-        lease = self.lease_s if self.lease_s is not None else get_settings().lock_lease
+        if self.lease_s is not None:
+            lease = self.lease_s
+        else:  # NOTE: read once: settings are read from the environment and files
+            lease = self.__dict__.get("_lease") or get_settings().lock_lease
+            self.__dict__["_lease"] = lease
         return _locks_for(store, lease)
 
     # -- prefect.locking.LockManager ------------------------------------------
