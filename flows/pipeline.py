@@ -230,11 +230,22 @@ def evaluate_model(model: str, val_split: str, labels: list[str], model_name: st
 
 @stage(name="deploy")
 def deploy_model(trained: dict[str, Any], evaluated: dict[str, Any], deploy: dict[str, Any],
-                 data_version: str) -> Any:
-    """Register a version; champion only if it beats the current one (see the README)."""
+                 data_version: str, val_split: str, labels: list[str]) -> Any:
+    """Register a version; champion only if it beats the current one on the same rows.
+
+    The gate scores the new model and the current champion on this run's
+    validation split (see the README): a champion registered on older data is
+    judged on today's rows, not by the number it logged then.
+    """
+    rows = labeler.jsonl_to_rows(get_store().get_bytes(val_split))
+
+    def score(model: Any) -> dict[str, float]:
+        return labeler.evaluate_model(model, rows, labels)[0]
+
     registration = register_model(
         trained["mlflow_model_uri"], deploy["model_name"], evaluated["values"],
-        gate=Gate(metric=deploy["gate_metric"], min_improvement=float(deploy["min_improvement"])),
+        gate=Gate(metric=deploy["gate_metric"], min_improvement=float(deploy["min_improvement"]),
+                  score=score, scored_on=f"validation split {val_split}"),
         tags={"data_hash": data_version, "model_oid": trained["model"]},
     )
     get_run_logger().info("v%s: %s", registration.version, registration.decision.reason)
@@ -350,7 +361,7 @@ def train_evaluate_deploy(data: dict[str, Any] | None = None, split: dict[str, A
     trained = train_model(splits["train"], train, {"data_hash": got["dataset"]},
                           tracking.tracking_uri(get_settings().home))
     evaluated = evaluate_model(trained["model"], splits["val"], labels, deploy["model_name"])
-    registration = deploy_model(trained, evaluated, deploy, got["dataset"])
+    registration = deploy_model(trained, evaluated, deploy, got["dataset"], splits["val"], labels)
     return {"data": got, "model": trained["model"], "metrics": evaluated["values"],
             "version": registration.version, "promoted": registration.promoted,
             "mlflow_run_id": trained["mlflow_run_id"]}

@@ -7,7 +7,9 @@ MLflow costs seconds, so it happens inside the functions that need it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,15 +87,25 @@ class Gate:
 
     Args:
         metric: The metric that decides (a key of the ``metrics`` given to
-            :func:`register_model`).
+            :func:`register_model`, and of what ``score`` returns).
         min_improvement: How much a challenger must beat the champion by
             (strictly more than this). The first version always wins.
         greater_is_better: False for losses and errors (lower wins).
+        score: ``model -> metrics`` on the challenger's validation rows. Given,
+            the gate scores the challenger *and* the current champion with it,
+            so both are judged on the same rows; a champion that cannot be
+            loaded or scored keeps its alias. Without it, the challenger's
+            ``metrics`` are compared with those the champion logged when it
+            was registered, on the data of its own day (the reason says so).
+        scored_on: What the rows are (e.g. the validation split's object id),
+            recorded with the decision.
     """
 
     metric: str
     min_improvement: float = 0.0
     greater_is_better: bool = True
+    score: Callable[[Any], dict[str, float]] | None = None
+    scored_on: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,9 @@ class Decision:
     champion_version: str | None = None
     champion_value: float | None = None
     deltas: dict[str, float] = field(default_factory=dict)
+    # "same rows" (both scored by Gate.score on scored_on) or "logged metrics".
+    compared_on: str = "logged metrics"
+    scored_on: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,39 +171,157 @@ def current_champion(model_name: str) -> Any | None:
         return None
 
 
-def _gate(model_name: str, version: str, metrics: dict[str, float], gate: Gate) -> Decision:
-    """Compare a new version with the champion; move the aliases; say why."""
+def _gate(model_name: str, version: str, metrics: dict[str, float], gate: Gate,
+          challenger: Any = None) -> Decision:
+    """Compare a new version with the champion; move the aliases; say why.
+
+    The whole decision (read the champion, score, move the alias) holds the
+    model's gate lock, so two deploys never both compare with the same old
+    champion.
+    """
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    champion = current_champion(model_name)
-    if champion is not None and str(champion.version) == str(version):
-        champion = None  # registering the same version again cannot beat itself
+    with _gate_lock(model_name):
+        champion = current_champion(model_name)
+        if champion is not None and str(champion.version) == str(version):
+            champion = None  # registering the same version again cannot beat itself
+        if gate.score is not None:
+            decision = _judge_on_same_rows(model_name, version, metrics, gate, champion, challenger)
+        else:
+            decision = _judge_on_logged_metrics(version, metrics, gate, champion, client)
+        client.set_registered_model_alias(model_name, CHAMPION if decision.promoted else CHALLENGER,
+                                          version)
+    tags = {"decision": decision.reason, "gate.compared_on": decision.compared_on,
+            "gate.challenger_score": str(decision.value)}
+    if decision.champion_value is not None:
+        tags["gate.champion_score"] = str(decision.champion_value)
+        tags["gate.champion_version"] = str(decision.champion_version)
+    if decision.scored_on:
+        tags["gate.scored_on"] = decision.scored_on
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    return decision
+
+
+def _verdict(gate: Gate, value: float, champion_value: float) -> tuple[bool, float]:
+    gain = value - champion_value if gate.greater_is_better else champion_value - value
+    return gain > gate.min_improvement, gain
+
+
+def _judge_on_logged_metrics(version: str, metrics: dict[str, float], gate: Gate,
+                             champion: Any, client: Any) -> Decision:
     value = float(metrics[gate.metric])
-    champion_value: float | None = None
-    deltas: dict[str, float] = {}
     if champion is None:
-        promoted, reason = True, "first version of the model: it becomes champion"
-    else:
-        champion_metrics = client.get_run(champion.run_id).data.metrics
-        deltas = {name: float(metrics[name]) - float(champion_metrics[name])
-                  for name in metrics if name in champion_metrics}
-        worst = float("-inf") if gate.greater_is_better else float("inf")
-        champion_value = float(champion_metrics.get(gate.metric, worst))
-        gain = value - champion_value if gate.greater_is_better else champion_value - value
-        promoted = gain > gate.min_improvement
-        comparison = (
-            f"{gate.metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} "
-            f"(improvement {gain:+.4f}, needed > {gate.min_improvement:+.4f})"
-        )
-        reason = ("beats the champion: " if promoted else "does not beat the champion: ") + comparison
-    client.set_registered_model_alias(model_name, CHAMPION if promoted else CHALLENGER, version)
-    client.set_model_version_tag(model_name, version, "decision", reason)
-    return Decision(
-        version=str(version), promoted=promoted, reason=reason, metric=gate.metric,
-        value=value, champion_version=None if champion is None else str(champion.version),
-        champion_value=champion_value, deltas=deltas,
-    )
+        return Decision(str(version), True, "first version of the model: it becomes champion",
+                        gate.metric, value)
+    champion_metrics = client.get_run(champion.run_id).data.metrics
+    deltas = {name: float(metrics[name]) - float(champion_metrics[name])
+              for name in metrics if name in champion_metrics}
+    worst = float("-inf") if gate.greater_is_better else float("inf")
+    champion_value = float(champion_metrics.get(gate.metric, worst))
+    promoted, gain = _verdict(gate, value, champion_value)
+    reason = (("beats the champion: " if promoted else "does not beat the champion: ")
+              + f"{gate.metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f} "
+              f"(improvement {gain:+.4f}, needed > {gate.min_improvement:+.4f}; the champion's "
+              "metric as logged on its own data: pass Gate(score=...) to judge both on the same rows)")
+    return Decision(str(version), promoted, reason, gate.metric, value, str(champion.version),
+                    champion_value, deltas)
+
+
+def _judge_on_same_rows(model_name: str, version: str, metrics: dict[str, float], gate: Gate,
+                        champion: Any, challenger: Any) -> Decision:
+    """Both models scored by ``gate.score`` on the same rows; a champion that fails keeps its alias."""
+    assert gate.score is not None
+    on = f" on {gate.scored_on}" if gate.scored_on else ""
+    mine = _scores(gate, challenger if challenger is not None
+                   else _load_version(model_name, version))
+    value = float(mine[gate.metric])
+    if champion is None:
+        return Decision(str(version), True, "first version of the model: it becomes champion",
+                        gate.metric, value, compared_on="same rows", scored_on=gate.scored_on)
+    try:
+        theirs = _scores(gate, _load_version(model_name, str(champion.version), champion))
+        champion_value = float(theirs[gate.metric])
+    except Exception as exc:  # noqa: BLE001 - the reason names it; the champion stays
+        return Decision(
+            str(version), False,
+            f"not promoted: the champion v{champion.version} could not be loaded or scored{on} "
+            f"({type(exc).__name__}: {exc}), so the two cannot be compared",
+            gate.metric, value, str(champion.version), None, compared_on="same rows",
+            scored_on=gate.scored_on)
+    deltas = {name: float(mine[name]) - float(theirs[name]) for name in mine if name in theirs}
+    promoted, gain = _verdict(gate, value, champion_value)
+    reason = (("beats the champion: " if promoted else "does not beat the champion: ")
+              + f"{gate.metric} {value:.4f} vs champion v{champion.version} {champion_value:.4f}, "
+              f"both scored{on} (improvement {gain:+.4f}, needed > {gate.min_improvement:+.4f})")
+    return Decision(str(version), promoted, reason, gate.metric, value, str(champion.version),
+                    champion_value, deltas, compared_on="same rows", scored_on=gate.scored_on)
+
+
+def _scores(gate: Gate, model: Any) -> dict[str, float]:
+    assert gate.score is not None
+    found = {str(k): float(v) for k, v in dict(gate.score(model)).items()}
+    if gate.metric not in found:
+        raise ValueError(f"Gate.score returned {', '.join(sorted(found)) or 'nothing'}, "
+                         f"not the gate's metric {gate.metric!r}")
+    return found
+
+
+def _load_version(model_name: str, version: str, model_version: Any = None) -> Any:
+    """A registered version: from the store by its ``model_oid`` tag (verified), else MLflow."""
+    import pickle
+
+    from mlflow import MlflowClient
+
+    model_version = model_version or MlflowClient().get_model_version(model_name, version)
+    oid = (model_version.tags or {}).get("model_oid")
+    if oid:
+        with contextlib.suppress(FileNotFoundError):
+            return pickle.loads(_gate_store().get_bytes(oid))
+    import mlflow.pyfunc
+
+    loaded = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
+    with contextlib.suppress(Exception):
+        return loaded.unwrap_python_model()  # a custom pyfunc: the model itself
+    implementation = getattr(loaded, "_model_impl", None)
+    return getattr(implementation, "sklearn_model", None) or loaded
+
+
+def _gate_store() -> Any:
+    from .recording import active_recorder
+    from .settings import open_store
+
+    recorder = active_recorder()
+    return recorder.store if recorder is not None else open_store()
+
+
+@contextlib.contextmanager
+def _gate_lock(model_name: str) -> Iterator[None]:
+    """One decision per model name at a time, across processes and machines: a lease lock in
+    the project's store (where the runs that deploy share their results)."""
+    import hashlib
+    import re
+    import uuid
+
+    from .store import StoreError
+    from .store.locks import StoreLocks
+
+    locks = StoreLocks(_gate_store().backend)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model_name)[:80]
+    key = f"gate/{safe}-{hashlib.sha256(model_name.encode()).hexdigest()[:8]}"
+    holder = f"gate-{uuid.uuid4().hex}"
+    if not locks.acquire(key, holder, timeout=_GATE_WAIT_S):
+        raise StoreError(f"the champion decision for {model_name!r} waited {_GATE_WAIT_S:.0f} s for "
+                         f"another deploy of it (lock {key} in the store); run again")
+    try:
+        yield
+    finally:
+        locks.release(key, holder)
+
+
+# A decision takes seconds (scoring two models); a deploy waits this long for another's.
+_GATE_WAIT_S = 600.0
 
 
 def register_model(model: Any, name: str, metrics: dict[str, float], *,
@@ -227,11 +360,12 @@ def register_model(model: Any, name: str, metrics: dict[str, float], *,
     configure_default()
     recorder = active_recorder()
     all_tags = {**_lineage_tags(), **(recorder.lineage_tags() if recorder else {}), **(tags or {})}
-    if recorder is not None and not isinstance(model, str) and "model_oid" not in all_tags:
+    if not isinstance(model, str) and "model_oid" not in all_tags:
         import pickle
 
-        # The model by content in the store too: `uncool predict` loads it verified.
-        all_tags["model_oid"] = recorder.store.put_bytes(pickle.dumps(model, protocol=5)).oid
+        # The model by content in the store too: `uncool predict` and the gate load it
+        # verified, without MLflow's loader (seconds of imports; skops refuses some types).
+        all_tags["model_oid"] = _gate_store().put_bytes(pickle.dumps(model, protocol=5)).oid
     if isinstance(model, str):
         model_uri = model  # logged already: its run is the one the version names
     else:
@@ -247,7 +381,8 @@ def register_model(model: Any, name: str, metrics: dict[str, float], *,
         client = MlflowClient()
         client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
         client.set_model_version_tag(name, version, "mlflow_run_id", run_id)
-    decision = _gate(name, version, {k: float(v) for k, v in metrics.items()}, gate)
+    decision = _gate(name, version, {k: float(v) for k, v in metrics.items()}, gate,
+                     challenger=None if isinstance(model, str) else model)
     registration = Registration(name=name, decision=decision, run_id=run_id, model_uri=model_uri,
                                 metrics={k: float(v) for k, v in metrics.items()},
                                 model_oid=all_tags.get("model_oid"), stage=_stage_name(),
