@@ -52,6 +52,8 @@ def project(tmp_path: Path, request: pytest.FixtureRequest) -> Project:
 def test_first_run_trains_a_champion_and_the_second_is_all_cached(project: Project) -> None:
     first, states = project.run()
     assert states == dict.fromkeys(STAGES, "Completed")
+    # 135 training rows x 2 trials: a thread pool, no Dask cluster to start (and it says why).
+    assert "a thread pool in this process" in first.stderr and "LocalCluster" not in first.stderr
     assert "issue-labeler v1: first version of the model: it becomes champion" in first.stdout
     assert re.search(r"metrics +macro_f1 0\.\d{3}, accuracy 0\.\d{3}", first.stdout)  # the gate's first
     predicted = project.uncool("predict", "dvc pull fails with my S3 remote")
@@ -141,8 +143,12 @@ def test_the_champion_is_replaced_only_by_a_better_model(project: Project) -> No
     project.run(*weak)
     strong, _ = project.run("train.C=4.0")
     assert "beats the champion" in strong.stdout
+    assert "both scored on validation split" in strong.stdout  # the same rows for both
     versions = project.model_versions()
     assert "champion" in versions["2"]["aliases"] and "champion" not in versions["1"]["aliases"]
+    assert versions["2"]["tags"]["gate.compared_on"] == "same rows"
+    assert float(versions["2"]["tags"]["gate.champion_score"]) < float(
+        versions["2"]["tags"]["gate.challenger_score"])
 
     weaker, _ = project.run("train.C=0.02", "train.tfidf.ngram_max=1")
     assert "does not beat the champion" in weaker.stdout, weaker.stdout
