@@ -91,13 +91,19 @@ def worker(
     pool: Annotated[str, Parameter(help="Work pool to take runs from.")] = POOL,
     query_seconds: Annotated[float, Parameter(
         help="Seconds between polls for runs to start (Prefect's default is 10).")] = WORKER_QUERY_SECONDS,
-) -> None:
-    """Start Prefect's process worker for the deployments (runs until Ctrl-C).
+    stop_timeout: Annotated[float, Parameter(
+        help="Seconds a stop waits for the cancelled flow runs to end before it kills them.")] = 30.0,
+) -> int:
+    """Start Prefect's process worker for the deployments (runs until Ctrl-C or SIGTERM).
 
     The same as `prefect worker start --pool uncool-local --type process`, with
     a 0.5 s poll so that a triggered run is picked up within half a second, and
     UNCOOL_HOME set to this project's state folder so that every flow run
     records into the same MLflow database and data cache.
+
+    Stopping it (Ctrl-C, SIGTERM) cancels the flow runs it executes through the
+    API (state Cancelled, processes gone) before the worker stops; a watcher
+    cancelled so is started again by the next `uncool worker`.
     """
     from ..config import load_config
     from ..project import deploy as deploying
@@ -110,9 +116,13 @@ def worker(
     command = [server.prefect_executable(), "worker", "start",
                "--pool", pool, "--type", "process"]
     err.print(f"worker on {pool} (polls every {query_seconds:g} s), UNCOOL_HOME={env['UNCOOL_HOME']}")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(command[0], command, env)
+    with prefect_at(api_url):
+        for url, run_id, created in deploying.resume_watchers(pool):
+            err.print(f"watcher {'resumed' if created else 'already running'} on {url}: "
+                      f"flow run {run_id}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return deploying.supervise_worker(command, env, say=err.print, stop_timeout=stop_timeout)
 
 
 @app.command
