@@ -110,6 +110,64 @@ class AutomationStack:
             self.worker.wait()
 
 
+class StoppableStack(AutomationStack):
+    """An AutomationStack whose `uncool worker` is stopped by a signal and started again."""
+
+    def signal_worker(self, signum: int, timeout: float = 90) -> float:
+        """Send ``signum`` to `uncool worker`; seconds until it exited (fails past ``timeout``)."""
+        assert self.worker is not None
+        started = time.monotonic()
+        self.worker.send_signal(signum)
+        try:
+            self.worker.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"uncool worker still running {timeout:.0f} s after "
+                                 f"signal {signum}\nworker log:\n{self.worker_log()[-6000:]}") from None
+        return time.monotonic() - started
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        """Another `uncool worker`, logging to the same worker.log; it becomes ``self.worker``."""
+        with open(self.log_dir / "worker.log", "ab") as log:
+            self.worker = subprocess.Popen(
+                [UNCOOL, "worker"], cwd=PROJECT, env=self.project.env, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        return self.worker
+
+    def active_watchers(self) -> list[Any]:
+        """Watcher flow runs on this project's data that are not final (scheduled ... cancelling)."""
+        return [run for run in flow_runs(self.WATCHER) if run.state and not run.state.is_final()
+                and run.parameters.get("url") == str(self.project.data)]
+
+    def running_watcher(self, timeout: float = 120) -> Any:
+        """The one watcher flow run once it is Running."""
+        return wait_for(lambda: [run for run in self.active_watchers() if run.state.is_running()],
+                        timeout, "the watcher's flow run to be Running", interval=0.5)[0]
+
+
+def flow_run_state(flow_run_id: object) -> Any:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state  # type: ignore[arg-type]
+
+
+def processes_of(flow_run_id: object) -> list[int]:
+    """Live processes whose command line or environment names the flow run."""
+    import psutil
+
+    run_id = str(flow_run_id)
+    pids = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if (run_id in " ".join(process.cmdline())
+                    or process.environ().get("PREFECT__FLOW_RUN_ID") == run_id):
+                pids.append(process.pid)
+    return pids
+
+
 def _watchers_alive(worker: subprocess.Popen[bytes] | None) -> bool:
     import psutil
 
