@@ -42,6 +42,8 @@ def test_a_sweep_trains_only_new_points_and_keeps_the_best(tmp_path: Path) -> No
     from mlflow import MlflowClient
 
     project = Project(tmp_path, "sweep")
+    # NOTE: a sweep this small runs on threads by default; this test is about the Dask path.
+    project.env["UNCOOL_SWEEP_DASK_MIN_WORK"] = "0"
     write_sample(project.data, days=2, seed=3)
 
     done, first = project.run_flow("train.sweep.grid.classifier=[logistic_regression]")
