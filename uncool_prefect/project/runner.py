@@ -125,7 +125,12 @@ def is_clear_error(exc: BaseException | None) -> bool:
 def run_pipeline(config: ProjectConfig, params: dict[str, Any], api_url: str,
                  force: bool = False) -> RunOutcome:
     """Run the project's pipeline once in this process; its outcome with the run record."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_TASKS_REFRESH_CACHE, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_TASKS_REFRESH_CACHE,
+        temporary_settings,
+    )
 
     from .. import compute
     from ..blocks import ensure_store_block
@@ -133,7 +138,12 @@ def run_pipeline(config: ProjectConfig, params: dict[str, Any], api_url: str,
 
     # NOTE: Prefect read its settings when first imported; the environment
     # alone would leave this process on an ephemeral server.
-    updates = {PREFECT_API_URL: api_url, PREFECT_TASKS_REFRESH_CACHE: force}
+    # NOTE: no heartbeats for a run in the user's terminal (a crash there is seen,
+    # not detected later). Prefect 3.9's heartbeat thread sleeps in 1 s steps and
+    # the flow joins it at exit: ~0.5-1 s of every `uncool run`, a third of a no-op.
+    # Deployed runs (a worker's) keep them.
+    updates = {PREFECT_API_URL: api_url, PREFECT_TASKS_REFRESH_CACHE: force,
+               PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
     quiet = _QuietClearErrors()
     loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
     with temporary_settings(updates=updates):
