@@ -96,3 +96,19 @@ def prefect_server(prefect_home: Path) -> Iterator[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+def dvc_env() -> dict[str, str]:
+    """The environment dvc runs in: no analytics, no git prompt."""
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
+
+
+def init_dvc_repo(dvc: Path, repo: Path, site_cache: Path) -> None:
+    """``git init`` + ``dvc init`` in ``repo``, with dvc's hash cache in ``site_cache``."""
+    env = dvc_env()
+    repo.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
+    subprocess.run([str(dvc), "init", "-q"], cwd=repo, check=True, env=env)
+    for key, value in [("core.analytics", "false"), ("core.check_update", "false"),
+                       ("core.site_cache_dir", str(site_cache))]:
+        subprocess.run([str(dvc), "config", key, value], cwd=repo, check=True, env=env)

@@ -30,7 +30,6 @@ import contextlib
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -39,47 +38,22 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import _free_port, loadavg, prefect_server
+from _common import loadavg, prefect_server
+from s3_put import moto_server
 
 WORK = Path(__file__).resolve().parent / ".work" / "locks"
 BUCKET = "uncool-bench"
 
 
-def _serve_moto(port: int) -> None:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    print("ready", flush=True)
-    sys.stdin.read()  # until the parent closes our stdin
-    server.stop()
-
-
 @contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """moto in a child process (so its work is not charged to ours); yields the endpoint."""
+def moto_with_bucket() -> Iterator[str]:
+    """s3_put's moto server (a child process, so its work is not charged to ours), with a bucket."""
     import boto3
 
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, __file__, "--_moto", str(port)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert process.stdout is not None
-        if process.stdout.readline().strip() != "ready":
-            raise RuntimeError("moto did not start")
-        endpoint = f"http://127.0.0.1:{port}"
+    with moto_server() as endpoint:
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                      aws_access_key_id="bench", aws_secret_access_key="bench").create_bucket(Bucket=BUCKET)
         yield endpoint
-    finally:
-        assert process.stdin is not None
-        process.stdin.close()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _count_lock_requests(block: Any) -> list[int]:
@@ -175,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--_moto", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args._moto:
-        _serve_moto(int(args._moto))
-        return 0
 
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
@@ -187,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                        "AWS_DEFAULT_REGION": "us-east-1", "XDG_CACHE_HOME": str(WORK / "cache"),
                        "PREFECT_LOGGING_LEVEL": "WARNING"})
     try:
-        with prefect_server(WORK / "prefect-home") as api_url, moto_server() as endpoint:
+        with prefect_server(WORK / "prefect-home") as api_url, moto_with_bucket() as endpoint:
             os.environ["PREFECT_API_URL"] = api_url
             os.environ["PREFECT_HOME"] = str(WORK / "prefect-home")
             import prefect

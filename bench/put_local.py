@@ -57,7 +57,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import dvc_bin, loadavg
+from _common import dvc_bin, dvc_env, init_dvc_repo, loadavg
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
@@ -235,12 +235,6 @@ def rss_growth(path: Path, repeat: int, runs: Runs, expect: str) -> list[float]:
 
 # -- dvc ---------------------------------------------------------------------------
 
-def _dvc_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"})
-    return env
-
-
 def _copy_into(data: Path, repo: Path) -> Path:
     """Copy ``data`` (a file or a tree, with its mtimes) into ``repo``, untimed.
 
@@ -259,19 +253,13 @@ def _copy_into(data: Path, repo: Path) -> Path:
 def dvc_repo(dvc: Path, data: Path, runs: Runs) -> tuple[Path, Path]:
     base = runs.fresh("dvc")
     repo = base / "repo"
-    repo.mkdir(parents=True)
-    env = _dvc_env()
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
-    subprocess.run([str(dvc), "init", "-q"], cwd=repo, check=True, env=env)
-    for key, value in [("core.analytics", "false"), ("core.check_update", "false"),
-                       ("core.site_cache_dir", str(base / "site-cache"))]:
-        subprocess.run([str(dvc), "config", key, value], cwd=repo, check=True, env=env)
+    init_dvc_repo(dvc, repo, base / "site-cache")
     return repo, _copy_into(data, repo)
 
 
 def dvc_add(dvc: Path, repo: Path, target: Path) -> None:
     subprocess.run([str(dvc), "add", "-q", target.name], cwd=repo, check=True,
-                   env=_dvc_env(), stdout=subprocess.DEVNULL)
+                   env=dvc_env(), stdout=subprocess.DEVNULL)
 
 
 def dvc_runs(data: Path, repeat: int, runs: Runs) -> dict[str, list[float]]:
@@ -289,13 +277,13 @@ def dvc_runs(data: Path, repeat: int, runs: Runs) -> dict[str, list[float]]:
 
 def dvc_version(dvc: Path) -> str:
     return subprocess.run([str(dvc), "--version"], capture_output=True, text=True,
-                          check=True, env=_dvc_env()).stdout.strip()
+                          check=True, env=dvc_env()).stdout.strip()
 
 
 def dvc_startup(repeat: int) -> tuple[str, list[float]]:
     dvc = dvc_bin()
     version = subprocess.run([str(dvc), "--version"], capture_output=True, text=True,
-                             check=True, env=_dvc_env()).stdout.strip()
+                             check=True, env=dvc_env()).stdout.strip()
     out = []
     for _ in range(repeat):
         seconds, _ = timed(dvc_version, dvc)

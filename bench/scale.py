@@ -65,7 +65,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import dvc_bin, loadavg
+from _common import dvc_bin, dvc_env, init_dvc_repo, loadavg
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
@@ -238,21 +238,10 @@ def count_files(root: Path) -> int:
 
 # -- dvc ---------------------------------------------------------------------------
 
-def _dvc_env() -> dict[str, str]:
-    return {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
-
-
 def dvc_prepare(data: Path, base: Path) -> tuple[Path, Path]:
     """A new git + dvc repo with its own caches, holding a copy of ``data`` (untimed)."""
-    dvc = dvc_bin()
     repo = base / "repo"
-    repo.mkdir(parents=True)
-    env = _dvc_env()
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True, env=env)
-    subprocess.run([str(dvc), "init", "-q"], cwd=repo, check=True, env=env)
-    for key, value in [("core.analytics", "false"), ("core.check_update", "false"),
-                       ("core.site_cache_dir", str(base / "site-cache"))]:
-        subprocess.run([str(dvc), "config", key, value], cwd=repo, check=True, env=env)
+    init_dvc_repo(dvc_bin(), repo, base / "site-cache")
     # NOTE: a copy, not hard links (dvc add is twice as slow on hard-linked files).
     shutil.copytree(data, repo / data.name)
     return repo, repo / data.name
@@ -262,7 +251,7 @@ def dvc_add(repo: Path, target: Path) -> float:
     settle()
     started = time.perf_counter()
     subprocess.run([str(dvc_bin()), "add", "-q", target.name], cwd=repo, check=True,
-                   env=_dvc_env(), stdout=subprocess.DEVNULL)
+                   env=dvc_env(), stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
@@ -279,7 +268,7 @@ def dvc_cases(repo: Path, target: Path, args: argparse.Namespace) -> dict[str, l
 
 def dvc_version() -> str:
     return subprocess.run([str(dvc_bin()), "--version"], capture_output=True, text=True,
-                          check=True, env=_dvc_env()).stdout.strip()
+                          check=True, env=dvc_env()).stdout.strip()
 
 
 # -- S3 ------------------------------------------------------------------------------
