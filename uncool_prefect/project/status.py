@@ -182,8 +182,11 @@ class _Probe:
         """What differs from the last run's key of this stage."""
         from ..caching import ContentAware, code_hash, key_ingredients
 
-        before = self._last(name).get("key")
+        last = self._last(name)
+        before = last.get("key")
         if not before:
+            if last:  # recorded by a version that kept no key details
+                return ["its key differs from the last run's (that record has no details)"]
             return ["not in the last run" if self.last_stages else "never ran"]
         if not isinstance(policy, ContentAware):
             return []
