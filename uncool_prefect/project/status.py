@@ -135,11 +135,15 @@ class _Probe:
         policy = task.cache_policy
         if policy is None or not hasattr(policy, "compute_key"):
             return self._runs(name, ["not cached (a task without a cache policy runs every time)"])
+        if not _results_in_this_store(task):
+            return self._runs(name, ["not predicted: its results are not kept in the project's "
+                                     "store (status predicts @stage tasks)"])
         context = SimpleNamespace(task=task, task_run=None, parameters=parameters)
         try:
             key = policy.compute_key(task_ctx=context, inputs=parameters, flow_parameters={})
         except Exception as exc:  # noqa: BLE001 - shown as the reason
-            return self._runs(name, [f"its cache key cannot be made ({type(exc).__name__}: {exc})"])
+            return self._runs(name, [f"not predicted: its cache key cannot be made outside a run "
+                                     f"({type(exc).__name__}: {exc})"])
         if key is None:
             return self._runs(name, ["not cached (its cache policy gives no key)"])
         found, why = self._stored_result(str(key))
@@ -206,6 +210,14 @@ class _Probe:
                     reasons.append(f"argument {arg} changed")
         reasons += [f"argument {arg} removed" for arg in old_args if arg not in now_parts["args"]]
         return reasons
+
+
+def _results_in_this_store(task: Any) -> bool:
+    """A ``@stage`` whose results go to the project's block (its default), as the run's would."""
+    from ..api import Stage
+
+    storage = task.__dict__.get("_result_storage")
+    return isinstance(task, Stage) and storage is not None and storage == task._default_storage
 
 
 def _ingredients_now(task: Any, parameters: dict[str, Any], policy: Any,
