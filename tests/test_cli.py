@@ -223,7 +223,7 @@ def test_the_projects_env_file_counts_from_a_subfolder_and_reaches_the_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker's flow runs start in the code cache, far from .env: they get the store and block pinned."""
-    from uncool_prefect.project.deploy import worker_environment
+    from uncool_prefect.project.worker import worker_environment
     from uncool_prefect.settings import default_block_name, get_settings
 
     project = _project(tmp_path)

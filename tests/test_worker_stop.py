@@ -114,7 +114,7 @@ def test_sigint_cancels_the_watcher_and_workers_started_again_run_one_watcher(
 def _forget_stopped_watchers() -> None:
     from prefect import get_client
 
-    from uncool_prefect.project.deploy import RESUME_TAG
+    from uncool_prefect.project.worker import RESUME_TAG
 
     with get_client(sync_client=True) as client:
         for run in flow_runs(StoppableStack.WATCHER):

@@ -106,23 +106,23 @@ def worker(
     cancelled so is started again by the next `uncool worker`.
     """
     from ..config import load_config
-    from ..project import deploy as deploying
     from ..project import server
+    from ..project import worker as working
     from .common import err
 
     config = load_config()
     api_url = server_api_url()
-    env = deploying.worker_environment(config.root, api_url, query_seconds)
+    env = working.worker_environment(config.root, api_url, query_seconds)
     command = [server.prefect_executable(), "worker", "start",
                "--pool", pool, "--type", "process"]
     err.print(f"worker on {pool} (polls every {query_seconds:g} s), UNCOOL_HOME={env['UNCOOL_HOME']}")
     with prefect_at(api_url):
-        for url, run_id, created in deploying.resume_watchers(pool):
+        for url, run_id, created in working.resume_watchers(pool):
             err.print(f"watcher {'resumed' if created else 'already running'} on {url}: "
                       f"flow run {run_id}")
         sys.stdout.flush()
         sys.stderr.flush()
-        return deploying.supervise_worker(command, env, say=err.print, stop_timeout=stop_timeout)
+        return working.supervise_worker(command, env, say=err.print, stop_timeout=stop_timeout)
 
 
 @app.command
