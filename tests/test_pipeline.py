@@ -67,9 +67,18 @@ def test_first_run_trains_a_champion_and_the_second_is_all_cached(project: Proje
     assert {"data_hash", "params_hash", "code_hash", "prefect_flow_run_id", "model_oid"} <= set(tags)
     assert re.search(r"data version +" + re.escape(str(tags["data_hash"])), first.stdout)
 
-    second, states = project.run()
+    project.env["PYTHONPROFILEIMPORTTIME"] = "1"  # which modules the no-op run imports
+    try:
+        second, states = project.run()
+    finally:
+        del project.env["PYTHONPROFILEIMPORTTIME"]
     assert states == dict.fromkeys(STAGES, "Cached")
     assert "every stage Cached" in second.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in second.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "prefect" in imported  # the import log is there
+    # Every stage Cached: no MLflow, no scikit-learn, no Dask, no model loaded.
+    assert not {m for m in imported if m.split(".")[0] in {"mlflow", "sklearn", "distributed"}}
     assert list(project.model_versions()) == ["1"]  # nothing registered again
 
     # The run record: plain JSON in the store, enough to find every input again.
