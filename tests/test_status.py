@@ -51,7 +51,6 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(root)
     monkeypatch.setenv("UNCOOL_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("UNCOOL_STORE", raising=False)
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens: no call made
     return root
 
 
