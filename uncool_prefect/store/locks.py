@@ -14,10 +14,11 @@ rewrites the expiry every third of the lease), so a stage that runs longer
 than the lease keeps its lock. Taking over an expired lease lets exactly one
 waiter win:
 
-- local: the waiter renames the expired file to a name of its own (a rename
-  succeeds once), checks that what it moved is the very file it judged
-  expired (same inode; otherwise it links it back), and only then creates the
-  lock again with ``O_EXCL``, where it may still lose to a newcomer;
+- local: the waiter takes a guard file (``<lock>.breaking``, ``O_EXCL``),
+  checks that the lock is still the very version it judged expired (inode
+  and content), deletes it, drops the guard, and creates the lock again with
+  ``O_EXCL``, where it may still lose to a newcomer; a waiter that checks
+  after it finds the winner's new lock and leaves it;
 - S3: the waiter overwrites the expired lock with ``If-Match: <its ETag>``;
   the first overwrite changes the ETag, so every other waiter gets 412.
   Renewal and release are conditional on the holder's own ETag in the same
@@ -61,6 +62,11 @@ from .keys import normalize_key
 
 LOCKS_DIR = "locks"
 DEFAULT_LEASE_S = 60.0
+# A waiter breaking an expired lease holds <lock>.breaking for microseconds; one
+# older than this was left by a killed process. The holder's release waits this
+# long at most for a breaker to finish.
+_GUARD_STALE_S = 5.0
+_GUARD_WAIT_S = 5.0
 _BODY_BLOCK = 512  # local bodies are padded to a multiple: a renewal rewrites them in place
 logger = logging.getLogger(__name__)
 
@@ -150,40 +156,60 @@ class _Folder:
         # The content (a token unique per acquisition, the expiry) does.
         return data, (st.st_ino, hashlib.sha256(data).digest()), st.st_mtime
 
-    def _move_aside(self, rel: str, ident: tuple[int, bytes | None]) -> bool:
-        """Rename ``rel`` away if it is still the version ``ident``; True if this call removed it.
+    def _remove_if_same(self, rel: str, ident: tuple[int, bytes | None], *, wait: bool) -> bool:
+        """Delete ``rel`` if it is still the version ``ident``; True if this call removed it.
 
         ``ident`` is ``(inode, digest of the content)`` as read, or ``(inode, None)``
         from the holder itself, whose open file keeps its inode number from reuse.
 
-        NOTE: the rename is what makes this race-free: of several callers, one
-        renames the file; a caller that moved another version than the one it
-        judged (replaced or renewed meanwhile) links it back.
+        NOTE: check and delete happen under a guard file (``<lock>.breaking``,
+        O_EXCL), so of several callers that judged the same version expired, one
+        deletes it and the others, checking after it, find another version (the
+        winner's new lock) and leave it alone. An earlier design renamed the lock
+        aside to check it, which for a moment removed a live lock a newcomer could
+        then also create. A guard left by a caller killed in these few
+        microseconds is cleared after _GUARD_STALE_S. The holder releasing its own
+        lock (``wait``) waits for the guard instead of giving up.
         """
         ino, digest = ident
         path = self._path(rel)
-        aside = f"{path}.aside-{uuid.uuid4().hex}"
+        guard = path + ".breaking"
+        deadline = time.monotonic() + _GUARD_WAIT_S
         with self._errors(rel):
+            while True:
+                try:
+                    guard_fd = os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    break
+                except FileExistsError:
+                    with contextlib.suppress(FileNotFoundError):
+                        if time.time() - os.stat(guard).st_mtime > _GUARD_STALE_S:
+                            os.unlink(guard)
+                            continue
+                    if not wait or time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.001)
             try:
-                if os.stat(path).st_ino != ino:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
                     return False
-                os.rename(path, aside)
-            except FileNotFoundError:
-                return False
-            try:
-                with open(aside, "rb") as moved:
-                    same = os.fstat(moved.fileno()).st_ino == ino and (
-                        digest is None or hashlib.sha256(moved.read()).digest() == digest)
-                if same:
-                    return True
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, path)
-                return False
+                try:
+                    st = os.fstat(fd)
+                    data = os.read(fd, max(st.st_size, _BODY_BLOCK) + _BODY_BLOCK)
+                finally:
+                    os.close(fd)
+                if st.st_ino != ino or (digest is not None
+                                        and hashlib.sha256(data).digest() != digest):
+                    return False
+                os.unlink(path)
+                return True
             finally:
-                os.unlink(aside)
+                os.close(guard_fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(guard)
 
     def take_over(self, rel: str, ident: tuple[int, bytes | None], body: bytes) -> tuple[int, int] | None:
-        return self.create(rel, body) if self._move_aside(rel, ident) else None
+        return self.create(rel, body) if self._remove_if_same(rel, ident, wait=False) else None
 
     def renew(self, rel: str, handle: tuple[int, int], body: bytes) -> tuple[int, int] | None:
         fd, ino = handle
@@ -199,7 +225,7 @@ class _Folder:
         return handle
 
     def delete(self, rel: str, ident: tuple[int, bytes | None]) -> bool:
-        return self._move_aside(rel, ident)
+        return self._remove_if_same(rel, ident, wait=True)
 
     def ident(self, handle: tuple[int, int]) -> tuple[int, None]:
         return handle[1], None
