@@ -140,17 +140,24 @@ class _Folder:
                 return fd, os.fstat(fd).st_ino
         return None
 
+    def _read_file(self, rel: str) -> tuple[bytes, os.stat_result] | None:
+        """The lock file's bytes and stat, from one open; None if there is none."""
+        try:
+            fd = os.open(self._path(rel), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            return os.read(fd, max(st.st_size, _BODY_BLOCK) + _BODY_BLOCK), st
+        finally:
+            os.close(fd)
+
     def read(self, rel: str) -> tuple[bytes, tuple[int, bytes | None], float] | None:
         with self._errors(rel):
-            try:
-                fd = os.open(self._path(rel), os.O_RDONLY)
-            except FileNotFoundError:
-                return None
-            try:
-                st = os.fstat(fd)
-                data = os.read(fd, max(st.st_size, _BODY_BLOCK) + _BODY_BLOCK)
-            finally:
-                os.close(fd)
+            found = self._read_file(rel)
+        if found is None:
+            return None
+        data, st = found
         # NOTE: an inode number alone does not name one version of a lock: once a
         # dead holder's file is gone, the next lock file may get the same number.
         # The content (a token unique per acquisition, the expiry) does.
@@ -189,15 +196,10 @@ class _Folder:
                         return False
                     time.sleep(0.001)
             try:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
+                found = self._read_file(rel)
+                if found is None:
                     return False
-                try:
-                    st = os.fstat(fd)
-                    data = os.read(fd, max(st.st_size, _BODY_BLOCK) + _BODY_BLOCK)
-                finally:
-                    os.close(fd)
+                data, st = found
                 if st.st_ino != ino or (digest is not None
                                         and hashlib.sha256(data).digest() != digest):
                     return False
