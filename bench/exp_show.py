@@ -315,7 +315,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help=f"keep {WORK}")
     args = parser.parse_args()
     os.environ.update(CREDENTIALS)
-    from uncool_prefect.records.experiments import RACY_S, RECORD_CACHE
+    from uncool_prefect.records.reading import RACY_S, RECORD_CACHE
     from uncool_prefect.store import ObjectStore
 
     shutil.rmtree(WORK, ignore_errors=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from project import Project
 
-from uncool_prefect.records import experiments
+from uncool_prefect.records import experiments, reading
 from uncool_prefect.records.targets import TargetError, resolve_target
 from uncool_prefect.sources import write_sample, write_sample_day
 from uncool_prefect.store import ObjectStore
@@ -280,12 +280,12 @@ def test_records_read_once_come_from_the_cache_until_they_change(
 
     def shown() -> list[dict[str, object]]:
         reads.clear()
-        return experiments.read_records(counting(_s3_store(url, s3_endpoint, tmp_path / "state")))
+        return reading.read_records(counting(_s3_store(url, s3_endpoint, tmp_path / "state")))
 
     # Just written: younger than the racy window, so read every time.
     assert [r["flow_run_id"] for r in shown()] == [r["flow_run_id"] for r in records]
-    assert len(reads) == 12 and not (tmp_path / "state" / experiments.RECORD_CACHE).exists()
-    monkeypatch.setattr(experiments, "RACY_S", -10.0)  # as if they were written long ago
+    assert len(reads) == 12 and not (tmp_path / "state" / reading.RECORD_CACHE).exists()
+    monkeypatch.setattr(reading, "RACY_S", -10.0)  # as if they were written long ago
     assert len(shown()) == 12 and len(reads) == 12
     assert shown() == records and reads == []  # all from the cache
 
@@ -296,7 +296,7 @@ def test_records_read_once_come_from_the_cache_until_they_change(
     assert reads == [f"runs/{changed['flow_run_id']}.json"]
     assert again == [changed if r is records[3] else r for r in records if r is not records[5]]
 
-    (tmp_path / "state" / experiments.RECORD_CACHE).write_text("{not json")
+    (tmp_path / "state" / reading.RECORD_CACHE).write_text("{not json")
     assert shown() == again and len(reads) == 11  # a damaged cache is only a slower look
 
 

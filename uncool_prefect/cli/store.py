@@ -123,12 +123,13 @@ def verify(
     one), dangling (a ref names an object that is not there), quarantined (a
     damaged copy moved aside earlier, its object not put again since).
     """
-    from ..records.targets import iter_records, named_objects
+    from ..records.reading import read_records
+    from ..records.targets import named_objects
 
     store = open_cli_store(basepath)
     with RichCallback("verify") as progress:
         problems = store.verify(callback=progress, repair=repair)
-    for record in iter_records(store):
+    for record in read_records(store):
         for oid in sorted(named_objects(record)):
             name = oid if store.has(oid) else oid + ".dir"
             if not store.has(name):

@@ -24,8 +24,9 @@ from rich.tree import Tree
 
 from ..params import flatten
 from ..store import InvalidKeyError, ObjectStore, StoreError, parse_oid
+from .reading import read_records
 from .run_record import data_version, input_versions
-from .targets import iter_records, resolve_target
+from .targets import resolve_target
 
 
 class CheckoutError(StoreError):
@@ -211,7 +212,7 @@ def lineage_tree(store: ObjectStore, target: str, home: Path) -> dict[str, Any]:
         "environment": record.get("environment"),
         "chain": chain,
     }
-    records = iter_records(store)
+    records = read_records(store)
     consumers: list[dict[str, Any]] = []
     digest = _digest(target) if kind == "object" else None
     if digest is not None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ..store import ObjectStore
+from .reading import read_records
 from .run_record import data_version, input_versions
 
 
@@ -16,17 +16,6 @@ class TargetError(LookupError):
 
 # Shorter starts of a run id would match too often to mean one run.
 MIN_RUN_PREFIX = 4
-
-
-def iter_records(store: ObjectStore) -> list[dict[str, Any]]:
-    """Every run record in the store, oldest first."""
-    records = []
-    for _rel, data in store.iter_run_records():
-        try:
-            records.append(json.loads(data))
-        except ValueError:
-            continue
-    return sorted(records, key=lambda r: (r.get("started", 0), r.get("flow_run_id", "")))
 
 
 def _model_version_run(target: str, home: Path) -> str:
@@ -89,7 +78,7 @@ def resolve_target(store: ObjectStore, target: str, home: Path) -> dict[str, Any
         try:
             return store.get_run_record(target)
         except (FileNotFoundError, InvalidKeyError) as exc:
-            matches = [r for r in iter_records(store)
+            matches = [r for r in read_records(store)
                        if str(r.get("flow_run_id", "")).startswith(target)
                        ] if len(target) >= MIN_RUN_PREFIX else []
             if len(matches) == 1:
@@ -101,7 +90,7 @@ def resolve_target(store: ObjectStore, target: str, home: Path) -> dict[str, Any
                 f"{target!r} is neither a run in {store.url} nor an object id, "
                 "'champion' or models:/NAME/VERSION; `uncool exp show` lists the runs"
             ) from exc
-    for record in iter_records(store):
+    for record in read_records(store):
         if digest in named_objects(record):
             return record
     raise TargetError(f"no run record in {store.url} produced object {target}")
