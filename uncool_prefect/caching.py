@@ -83,6 +83,15 @@ class ContentAware(CachePolicy):
         Raises:
             ValueError: a path argument names nothing on disk.
         """
+        return self.key_with_ingredients(task_ctx, inputs, flow_parameters)[0]
+
+    def key_with_ingredients(self, task_ctx: TaskRunContext, inputs: dict[str, Any],
+                             flow_parameters: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """The key and what it was made of (:func:`key_ingredients`), noted for the run record.
+
+        Raises:
+            ValueError: a path argument names nothing on disk.
+        """
         from .recording import note_key, note_object_uses, note_path_input, replayed_path
 
         code_key = code_hash(task_ctx.task.fn, self.project_roots) if task_ctx else None
@@ -109,11 +118,11 @@ class ContentAware(CachePolicy):
         # NOTE: Prefect's own Inputs does the hashing, so unhashable arguments,
         # DataFrames and empty inputs behave exactly as they do under INPUTS.
         inputs_key = Inputs(exclude=self.exclude).compute_key(task_ctx, data, flow_parameters)
-        if code_key is None and inputs_key is None:
-            return None
-        key = hash_objects(_KEY_VERSION, code_key, inputs_key, raise_on_failure=True)
-        note_key(run_id, key_ingredients(key, code_key, data, self.exclude))
-        return key
+        key = None if code_key is None and inputs_key is None else hash_objects(
+            _KEY_VERSION, code_key, inputs_key, raise_on_failure=True)
+        ingredients = key_ingredients(key, code_key, data, self.exclude)
+        note_key(run_id, ingredients)
+        return key, ingredients
 
     def __sub__(self, other: str) -> CachePolicy:
         """``policy - "name"`` leaves an argument out of the key, as with ``INPUTS``."""

@@ -125,6 +125,8 @@ class _Probe:
     def call(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         from prefect.utilities.callables import get_call_parameters
 
+        from ..caching import ContentAware
+
         name = self._entry_name(task.name)
         parameters = get_call_parameters(task.fn, args, kwargs)
         waits = sorted(set(_not_yet_in(parameters)))
@@ -140,7 +142,11 @@ class _Probe:
                                      "store (status predicts @stage tasks)"])
         context = SimpleNamespace(task=task, task_run=None, parameters=parameters)
         try:
-            key = policy.compute_key(task_ctx=context, inputs=parameters, flow_parameters={})
+            if isinstance(policy, ContentAware):  # the key, and what it is made of for "why"
+                key, ingredients = policy.key_with_ingredients(context, parameters, {})  # type: ignore[arg-type]
+            else:
+                key, ingredients = policy.compute_key(task_ctx=context, inputs=parameters,
+                                                      flow_parameters={}), None
         except Exception as exc:  # noqa: BLE001 - shown as the reason
             return self._runs(name, [f"not predicted: its cache key cannot be made outside a run "
                                      f"({type(exc).__name__}: {exc})"])
@@ -150,7 +156,7 @@ class _Probe:
         if found is not None:
             self.found.append(StageStatus(name, "cached"))
             return found[0]
-        return self._runs(name, self._why(name, task, parameters, policy) or [why])
+        return self._runs(name, self._why(name, ingredients) or [why])
 
     def _runs(self, name: str, reasons: list[str], state: str = "runs") -> _NotYet:
         self.found.append(StageStatus(name, state, reasons))
@@ -182,19 +188,17 @@ class _Probe:
         except (OSError, StoreError, ValueError) as exc:
             return None, f"its stored result is missing or damaged ({exc}); the run heals it"
 
-    def _why(self, name: str, task: Any, parameters: dict[str, Any], policy: Any) -> list[str]:
-        """What differs from the last run's key of this stage."""
-        from ..caching import ContentAware, code_hash, key_ingredients
-
+    def _why(self, name: str, now_parts: dict[str, Any] | None) -> list[str]:
+        """What differs from the last run's key of this stage (``now_parts``: this key's
+        ingredients; None for a policy that keeps none)."""
         last = self._last(name)
         before = last.get("key")
         if not before:
             if last:  # recorded by a version that kept no key details
                 return ["its key differs from the last run's (that record has no details)"]
             return ["not in the last run" if self.last_stages else "never ran"]
-        if not isinstance(policy, ContentAware):
+        if now_parts is None:
             return []
-        now_parts = _ingredients_now(task, parameters, policy, code_hash, key_ingredients)
         reasons = []
         if now_parts["code"] != before.get("code"):
             reasons.append("code changed")
@@ -218,23 +222,6 @@ def _results_in_this_store(task: Any) -> bool:
 
     storage = task.__dict__.get("_result_storage")
     return isinstance(task, Stage) and storage is not None and storage == task._default_storage
-
-
-def _ingredients_now(task: Any, parameters: dict[str, Any], policy: Any,
-                     code_hash: Any, key_ingredients: Any) -> dict[str, Any]:
-    from ..caching import _by_content
-    from ..recording import replayed_path
-
-    store = policy._store()
-
-    def content_id(path: str, _name: str) -> str:
-        return f"{store.algorithm}:{store.hash_path(path)}"
-
-    data = {name: value if name in policy.exclude
-            else _by_content(replayed_path(task.name, name, value), name, name in policy.paths,
-                             task.name, content_id)
-            for name, value in parameters.items()}
-    return key_ingredients(None, code_hash(task.fn, policy.project_roots), data, policy.exclude)
 
 
 @contextlib.contextmanager
