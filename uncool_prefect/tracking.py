@@ -232,16 +232,20 @@ def _judge_on_logged_metrics(version: str, metrics: dict[str, float], gate: Gate
 def _judge_on_same_rows(model_name: str, version: str, metrics: dict[str, float], gate: Gate,
                         champion: Any, challenger: Any) -> Decision:
     """Both models scored by ``gate.score`` on the same rows; a champion that fails keeps its alias."""
+    from mlflow import MlflowClient
+
     assert gate.score is not None
     on = f" on {gate.scored_on}" if gate.scored_on else ""
-    mine = _scores(gate, challenger if challenger is not None
-                   else _load_version(model_name, version))
+    if challenger is None:  # registered from a URI: load it as the champion is loaded
+        challenger = _load_version(model_name, MlflowClient().get_model_version(model_name, version),
+                                   _gate_store())
+    mine = _scores(gate, challenger)
     value = float(mine[gate.metric])
     if champion is None:
         return Decision(str(version), True, "first version of the model: it becomes champion",
                         gate.metric, value, compared_on="same rows", scored_on=gate.scored_on)
     try:
-        theirs = _scores(gate, _load_version(model_name, str(champion.version), champion))
+        theirs = _scores(gate, _load_version(model_name, champion, _gate_store()))
         champion_value = float(theirs[gate.metric])
     except Exception as exc:  # noqa: BLE001 - the reason names it; the champion stays
         return Decision(
@@ -268,20 +272,19 @@ def _scores(gate: Gate, model: Any) -> dict[str, float]:
     return found
 
 
-def _load_version(model_name: str, version: str, model_version: Any = None) -> Any:
-    """A registered version: from the store by its ``model_oid`` tag (verified), else MLflow."""
+def _load_version(model_name: str, model_version: Any, store: Any | None) -> Any:
+    """A registered version (an MLflow ModelVersion): from ``store`` by its ``model_oid`` tag,
+    verified against its hash and without MLflow's loader (seconds of imports; skops refuses
+    some types); else, or if the store lacks it, through MLflow."""
     import pickle
 
-    from mlflow import MlflowClient
-
-    model_version = model_version or MlflowClient().get_model_version(model_name, version)
     oid = (model_version.tags or {}).get("model_oid")
-    if oid:
+    if store is not None and oid:
         with contextlib.suppress(FileNotFoundError):
-            return pickle.loads(_gate_store().get_bytes(oid))
+            return pickle.loads(store.get_bytes(oid))
     import mlflow.pyfunc
 
-    loaded = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
+    loaded = mlflow.pyfunc.load_model(f"models:/{model_name}/{model_version.version}")
     with contextlib.suppress(Exception):
         return loaded.unwrap_python_model()  # a custom pyfunc: the model itself
     implementation = getattr(loaded, "_model_impl", None)
@@ -436,31 +439,17 @@ def _lineage_tags() -> dict[str, str]:
 
 
 def load_champion(model_name: str, store: Any | None = None) -> tuple[Any, str]:
-    """The champion model (scikit-learn) and its version; a clear error if none.
+    """The champion model and its version; a clear error if none.
 
     With a ``store``, the model is read from it by the ``model_oid`` tag that
-    deploy sets: verified against its hash, and without MLflow's model loader
-    (which costs a second of imports). Otherwise, or if the store does not
-    hold it, MLflow loads it.
+    deploy sets (see :func:`_load_version`); otherwise MLflow loads it.
     """
-    import pickle
-
     champion = current_champion(model_name)
     if champion is None:
         raise LookupError(
             f"no champion for {model_name!r} in {mlflow_uri()}; run `uncool run` first"
         )
-    oid = champion.tags.get("model_oid")
-    if store is not None and oid:
-        try:
-            # Our own object, verified against its hash on the way out.
-            model = pickle.loads(store.get_bytes(oid))
-            return model, str(champion.version)
-        except FileNotFoundError:
-            pass
-    import mlflow.sklearn
-
-    return mlflow.sklearn.load_model(f"models:/{model_name}@{CHAMPION}"), str(champion.version)
+    return _load_version(model_name, champion, store), str(champion.version)
 
 
 def mlflow_uri() -> str:
