@@ -105,7 +105,6 @@ def sweep(train_split: str, points: list[dict[str, Any]], selection: dict[str, A
     import sys
 
     import cloudpickle
-    import dask
 
     # Workers cannot import this file (it is loaded by path) nor, on another
     # machine, labeler.py: both travel by value with the task.
@@ -114,8 +113,12 @@ def sweep(train_split: str, points: list[dict[str, Any]], selection: dict[str, A
     futures = []
     for params, point in points_and_labels(points):
         task_ = trial.with_options(task_run_name=f"trial[{point}]", refresh_cache=refresh or None)
-        resources = {"GPU": 1} if gpu else {}
-        with dask.annotate(resources=resources):
+        if gpu:  # one GPU per trial on Dask; on threads there is nothing to annotate
+            import dask
+
+            with dask.annotate(resources={"GPU": 1}):
+                futures.append(task_.submit(train_split, params, selection, device))
+        else:
             futures.append(task_.submit(train_split, params, selection, device))
     results = []
     for future in futures:
@@ -143,7 +146,6 @@ def train_model(train_split: str, params: dict[str, Any], lineage: dict[str, str
     another MLflow store would name a run it lacks.
     """
     import mlflow
-    import mlflow.sklearn
     from prefect.settings import PREFECT_TASKS_REFRESH_CACHE
 
     logger = get_run_logger()
@@ -195,9 +197,8 @@ def train_model(train_split: str, params: dict[str, Any], lineage: dict[str, str
         mlflow.set_tags({**tags, "model_oid": chosen["model"], "prefect_sweep_flow_run_id": sweep_run_id,
                          "sweep.trials": str(len(trials)),
                          "sweep.best": labels[best], "device": device})
-        logged = mlflow.sklearn.log_model(
-            model, name="model",
-            pip_requirements=["scikit-learn", "numpy", "scipy"],
+        logged = tracking.log_model(
+            model, pip_requirements=["scikit-learn", "numpy", "scipy"],
         )
         for label, result in zip(labels, trials, strict=True):
             with mlflow.start_run(run_name=f"trial[{label}]", nested=True):

@@ -158,3 +158,20 @@ def test_two_deploys_at_once_leave_the_better_model_champion_every_time(project:
         best, worse = results
         assert best["value"] > worse["value"]
         assert str(current_champion(name).version) == best["version"], (trial, results)
+
+
+def test_a_tree_model_registers_and_mlflow_serves_it_back(project: Path) -> None:
+    """register_model logs scikit-learn models in MLflow's pickle format: a tree model,
+    which MLflow's default (skops) refuses without a list of trusted types, registers,
+    and MLflow's own loader gives back a model that predicts as the original."""
+    import mlflow.pyfunc
+    from sklearn.tree import DecisionTreeClassifier
+
+    from uncool_prefect import register_model
+
+    x, y = _rows(0.3)
+    tree = DecisionTreeClassifier(max_depth=3).fit(x, y)
+    done = register_model(tree, "tree", _accuracy_on(x, y)(tree))
+    assert done.decision.promoted
+    served = mlflow.pyfunc.load_model(f"models:/tree/{done.version}")
+    assert (served.predict(x) == tree.predict(x)).all()

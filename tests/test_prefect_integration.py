@@ -294,3 +294,43 @@ def test_result_storage_keys_a_file_system_would_accept_persist_and_a_refused_on
     assert refused.returncode != 0
     assert "result_storage_key of stage 'escaping' '../escape-3' is not allowed" in refused.stderr
     assert not (tmp_path / "escape-3").exists()
+
+
+RENAMED_FLOW = '''
+import sys
+from uncool_prefect import pipeline, stage
+
+@stage
+def double(x: int) -> int:
+    return x * 2
+
+@pipeline
+def renamed() -> None:
+    copy = double.with_options(task_run_name="double-renamed")
+    print("STORAGE", type(copy).__name__, type(copy.result_storage).__name__)
+    print("STATE", copy(4, return_state=True).name)
+    print("COLLECTIONS", "prefect_dask" in sys.modules)
+
+if __name__ == "__main__":
+    renamed()
+'''
+
+
+def test_a_stage_copied_with_options_stays_a_stage_on_the_runs_block(tmp_path: Path) -> None:
+    """Prefect's with_options builds a plain Task: the copy (a sweep's trials are such
+    copies) must keep the stage's storage, the block the run loaded, and be Cached the
+    second time; resolving the slug instead imports every Prefect collection per run."""
+    flow_file = tmp_path / "renamed.py"
+    flow_file.write_text(RENAMED_FLOW)
+    env = {**os.environ, "UNCOOL_STORE": str(tmp_path / "store"), "UNCOOL_BLOCK": "renamed"}
+
+    def run() -> str:
+        done = subprocess.run([sys.executable, str(flow_file)], capture_output=True, text=True,
+                              timeout=180, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    first, second = run(), run()
+    assert "STORAGE Stage ContentAddressedStorage" in first
+    assert "STATE Completed" in first and "STATE Cached" in second
+    assert "COLLECTIONS False" in second

@@ -41,6 +41,7 @@ import functools
 import inspect
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -170,7 +171,9 @@ class Stage(Task[Any, Any]):
     NOTE: Prefect resolves a storage given by slug on every task run: a call to
     the server, and the first time, an import of every installed Prefect
     collection (prefect-dask and distributed among them: ~0.25 s of a no-op
-    run). Elsewhere (a Dask worker, a plain call) the slug stands.
+    run). Outside a pipeline run, a process that loaded the block in the last
+    minute (a sweep's trials, run beside the pipeline's recording) uses it too.
+    Elsewhere (a Dask worker, a plain call) the slug stands.
     """
 
     _default_storage: str | None = None
@@ -182,6 +185,10 @@ class Stage(Task[Any, Any]):
             recorder = active_recorder()
             if recorder is not None and recorder.result_storage is not None:
                 return recorder.result_storage
+            blocks = sys.modules.get(f"{__package__}.blocks")  # never imported for this
+            loaded = blocks.recently_loaded_store_block(get_settings().block) if blocks else None
+            if loaded is not None:
+                return loaded
         return storage
 
     @result_storage.setter
@@ -189,11 +196,19 @@ class Stage(Task[Any, Any]):
         self.__dict__["_result_storage"] = value
 
     def with_options(self, *args: Any, **kwargs: Any) -> Any:
-        copy = cast(Stage, super().with_options(*args, **kwargs))
-        if "result_storage" not in kwargs:  # keep the slug, not this run's block
-            copy.result_storage = self.__dict__.get("_result_storage")
-            copy._default_storage = self._default_storage
-        return copy
+        copy = super().with_options(*args, **kwargs)
+        # NOTE: Prefect's with_options builds a plain Task; a Stage adds no state
+        # of its own but the storage, so the copy becomes a Stage again (else a
+        # copy, e.g. each of a sweep's trials, resolves the slug on every run).
+        given = copy.__dict__.pop("result_storage", None)
+        copy.__class__ = type(self)
+        stage_copy = cast(Stage, copy)
+        if "result_storage" in kwargs:
+            stage_copy.result_storage = given
+        else:  # keep the slug, not this run's block
+            stage_copy.result_storage = self.__dict__.get("_result_storage")
+            stage_copy._default_storage = self._default_storage
+        return stage_copy
 
 
 def storage_slug() -> str:

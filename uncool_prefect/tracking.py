@@ -8,6 +8,7 @@ MLflow costs seconds, so it happens inside the functions that need it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -374,7 +375,7 @@ def register_model(model: Any, name: str, metrics: dict[str, float], *,
     else:
         with mlflow.start_run(run_name=f"register-{name}", nested=mlflow.active_run() is not None):
             mlflow.set_tags(all_tags)
-            model_uri = (flavor or _sklearn()).log_model(model, name="model").model_uri
+            model_uri = log_model(model, flavor=flavor).model_uri
     registered = mlflow.register_model(model_uri, name, tags=all_tags)
     version, run_id = str(registered.version), str(registered.run_id or "")
     if run_id:
@@ -422,10 +423,31 @@ def _metric(name: str, value: float) -> Any:
     return Metric(key=name, value=float(value), timestamp=int(time.time() * 1000), step=0)
 
 
-def _sklearn() -> Any:
+def log_model(model: Any, *, flavor: Any = None, name: str = "model", **options: Any) -> Any:
+    """Log ``model`` to the active MLflow run; returns MLflow's ``ModelInfo``.
+
+    A scikit-learn model (the default flavour) is saved in MLflow's ``pickle``
+    format: its default, skops, imports for 1.1 s in every process that logs
+    a model and refuses tree models without a list of trusted types, while
+    MLflow guards loading every format alike (``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``).
+    Any other flavour module (``mlflow.pytorch``...) gets ``options`` as they are.
+    """
+    if flavor is not None:
+        return flavor.log_model(model, name=name, **options)
     import mlflow.sklearn
 
-    return mlflow.sklearn
+    options.setdefault("serialization_format", mlflow.sklearn.SERIALIZATION_FORMAT_PICKLE)
+    sklearn_logger = logging.getLogger("mlflow.sklearn")
+    sklearn_logger.addFilter(_pickle_caution_said_here)
+    try:
+        return mlflow.sklearn.log_model(model, name=name, **options)
+    finally:
+        sklearn_logger.removeFilter(_pickle_caution_said_here)
+
+
+def _pickle_caution_said_here(record: logging.LogRecord) -> bool:
+    """Drop MLflow's warning about pickle on every log: :func:`log_model` says why it is chosen."""
+    return "pickle or cloudpickle format" not in record.getMessage()
 
 
 def _lineage_tags() -> dict[str, str]:
