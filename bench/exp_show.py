@@ -23,10 +23,13 @@ by side:
 - ``uncool exp show`` on the local store;
 - on the S3 store (``UNCOOL_STORE=s3://...`` and ``AWS_ENDPOINT_URL`` set, as
   for a team on a shared bucket): a raw s3fs ``find`` + ``cat`` of the same
-  records in one process (what moto takes to serve them); ``uncool exp show``
-  with no record cache (deleted before each run: a first look on this
-  machine); and ``uncool exp show`` again once the records are older than the
-  cache's racy window (60 s: the script waits), which reads the listing only;
+  records in one process (what moto takes to serve them); then, once the
+  records are older than the racy window of the record cache and packs (60 s:
+  the script waits), ``uncool exp show`` three ways: the very first look at
+  the store (record cache and record packs deleted before each run: it reads
+  every record and writes the pack), a first look on another machine (record
+  cache deleted before each run, the pack there: it reads the pack), and a
+  look again on this machine (records cached: the listing only);
 - ``dvc exp show`` in a git repo holding ``--dvc-exps`` experiments (default:
   ``--runs``; params.yaml and metrics.json per experiment, written with ``git
   fast-import`` as ``dvc exp save`` leaves them: one commit per experiment on
@@ -266,7 +269,12 @@ def phase(name, call):
     return value
 store = phase("open the store (s3fs, botocore on S3)", lambda: open_store(None))
 phase("one listing of runs/", lambda: list(store.backend.list("runs")))
-records = phase("read_records: listing + reads (+ cache)", lambda: E.read_records(store))
+from uncool_prefect.records import packs
+listed = phase("one listing of run-packs/", lambda: packs.list_packs(store.backend))
+data = phase("GET the newest pack", lambda: store.backend.read_bytes(listed[0][0]) if listed else b"")
+phase("check + parse it (sha256, JSON)",
+      lambda: packs.decode_pack(listed[0][0], data) if listed else None)
+records = phase("read_records: listings + packs + reads (+ cache)", lambda: E.read_records(store))
 home = get_settings().home
 phase("champion (registry)", lambda: E.champion_run_ids(records, home))
 E.read_records = lambda store: records
@@ -317,6 +325,7 @@ def main() -> None:
     os.environ.update(CREDENTIALS)
     from uncool_prefect.records.reading import RACY_S, RECORD_CACHE
     from uncool_prefect.store import ObjectStore
+    from uncool_prefect.store.objects import RUN_PACKS_DIR
 
     shutil.rmtree(WORK, ignore_errors=True)
     home = WORK / "home"
@@ -369,17 +378,36 @@ def main() -> None:
             env = {**base_env, "UNCOOL_STORE": url, "AWS_ENDPOINT_URL": endpoint,
                    "UNCOOL_STATE_DIR": str(state)}
             cache = state / RECORD_CACHE
-            results["uncool exp show, S3 store, first look (no cache)"], s3_out = time_command(
-                uncool, env, project, args.repeat, before=lambda: cache.unlink(missing_ok=True))
-            check_table(s3_out, records, champion, "S3, first look")
-            cache.unlink(missing_ok=True)
-            breakdown["S3, first look"] = phases(env, project)
-            # NOTE: records younger than the cache's racy window are not cached.
+
+            def record_packs() -> list[str]:
+                return [rel for rel, _ in remote.backend.list(RUN_PACKS_DIR)]
+
+            def no_cache_no_pack() -> None:
+                cache.unlink(missing_ok=True)
+                for rel in record_packs():
+                    remote.backend.delete(rel)
+
+            # NOTE: records younger than the racy window are neither cached nor packed.
             wait = uploaded + RACY_S + 1 - time.time()
             if wait > 0:
-                print(f"waiting {wait:.0f} s: records are cached once {RACY_S:.0f} s old", flush=True)
+                print(f"waiting {wait:.0f} s: records are cached and packed once {RACY_S:.0f} s old",
+                      flush=True)
                 time.sleep(wait)
-            results["uncool exp show, S3 store, again (records cached)"], s3_out = time_command(
+            results["uncool exp show, S3, very first look (reads all, packs)"], s3_out = time_command(
+                uncool, env, project, args.repeat, before=no_cache_no_pack)
+            check_table(s3_out, records, champion, "S3, very first look")
+            if len(record_packs()) != 1:
+                raise SystemExit(f"the very first look left {record_packs()} in {RUN_PACKS_DIR}/")
+            no_cache_no_pack()
+            breakdown["S3, very first"] = phases(env, project)
+
+            results["uncool exp show, S3, first look on another machine (pack)"], s3_out = time_command(
+                uncool, env, project, args.repeat, before=lambda: cache.unlink(missing_ok=True))
+            check_table(s3_out, records, champion, "S3, first look on another machine")
+            cache.unlink(missing_ok=True)
+            breakdown["S3, other machine"] = phases(env, project)
+
+            results["uncool exp show, S3, again (records cached)"], s3_out = time_command(
                 uncool, env, project, args.repeat)
             if not cache.exists():
                 raise SystemExit(f"no record cache at {cache}")

@@ -1,4 +1,4 @@
-"""Reading every run record of a store: one listing, parallel reads, a per-machine cache.
+"""Reading every run record of a store: one listing, a per-machine cache, shared packs, parallel reads.
 
 The one way the records package reads all records (``exp show``, lineage,
 targets, ``store verify``).
@@ -10,12 +10,15 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ..store import ObjectStore
+from ..store.backends import FileStat, FsspecBackend, LocalBackend
 from ..store.objects import RUNS_DIR
+from . import packs
 
 # NOTE: records are a few KB, so reading them is all round trips; 8 in flight
 # hide most of them (more only add thread switches: measured on moto).
@@ -24,44 +27,97 @@ RECORD_CACHE = "run-records.json"
 RECORD_CACHE_VERSION = 1
 # Records younger than this (by the store's clock) are read again next time.
 RACY_S = 60.0
+# NOTE: with fewer records to read than this, two rounds of parallel GETs
+# take about what listing the packs and fetching one would.
+PACK_LOOKUP_MIN = 2 * READ_WORKERS
+# NOTE: a pack is rewritten whole (one PUT of every settled record, ~6 MB at
+# 1,000 records) and saves each later first look a GET per record it adds; at
+# this many records read one by one the rewrite costs about what they did, and
+# a first look never reads more than this many before the next pack comes.
+PACK_MIN_RECORDS = 64
 
 
 def read_records(store: ObjectStore) -> list[dict[str, Any]]:
     """Every run record in the store, oldest first: one listing, then the reads.
 
-    On a remote store (S3) the reads go :data:`READ_WORKERS` at a time, and
-    records already read on this machine come from a cache in the store's
-    ``state_dir`` (see :class:`_RecordCache`): a second look costs the listing.
-    A record deleted since the listing, or not JSON, is left out.
+    On a remote store (S3) records already read on this machine come from a
+    cache in the store's ``state_dir`` (see :class:`_RecordCache`): a second
+    look costs the listing. Records not in it come from the store's record
+    packs (see :mod:`packs`) where a pack holds them unchanged, and the rest
+    from their own objects, :data:`READ_WORKERS` at a time; a reader that had
+    to read :data:`PACK_MIN_RECORDS` or more that way packs every settled
+    record it knows, for the next first look anywhere. A record deleted since
+    the listing, or not JSON, is left out.
     """
     backend = store.backend
-    listing = list(backend.list(RUNS_DIR))
-    cache = None if backend.is_local else _RecordCache(Path(store.state_dir) / RECORD_CACHE)
-    found: dict[str, dict[str, Any] | None] = {}
-    missing = []
-    for rel, stat in listing:
-        cached = cache.get(rel, stat.size, stat.mtime) if cache else None
-        if cached is None:
-            missing.append(rel)
-        found[rel] = cached
+    if backend.is_local:
+        # NOTE: no cache and no packs: a local read costs about what a lookup would.
+        return _oldest_first(_read_record(backend, rel) for rel, _stat in backend.list(RUNS_DIR))
+    cache = _RecordCache(Path(store.state_dir) / RECORD_CACHE)
+    pack_reader = packs.PackReader(backend)
+    with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="uncool-records") as pool:
+        # NOTE: nothing cached here (a first look on this machine): the packs
+        # will be wanted, and the newest comes while runs/ is listed (a third
+        # of a second for 1,000 records on moto).
+        ahead = pool.submit(pack_reader.prefetch) if not cache.entries else None
+        listing = list(backend.list(RUNS_DIR))
+        if ahead is not None:
+            ahead.result()
+        found: dict[str, dict[str, Any] | None] = {}
+        missing: dict[str, FileStat] = {}
+        for rel, stat in listing:
+            found[rel] = cache.get(rel, stat.size, stat.mtime)
+            if found[rel] is None:
+                missing[rel] = stat
+        lookup = packs.PackLookup()
+        if len(missing) >= PACK_LOOKUP_MIN:
+            lookup = pack_reader.take(missing, RACY_S)
+            found.update(lookup.found)
+            for rel in lookup.found:
+                del missing[rel]
+        if len(missing) < 2:
+            found.update((rel, _read_record(backend, rel)) for rel in missing)
+        else:
+            found.update(zip(missing, pool.map(lambda rel: _read_record(backend, rel), missing),
+                             strict=True))
+    cache.update({rel: (stat.size, stat.mtime, found[rel]) for rel, stat in listing})
+    # NOTE: the cache's rule (see _RecordCache): a record younger than RACY_S
+    # may be rewritten within its mtime's second, so it is not packed either
+    # (and readers check that again by the store's clock: PackReader.take).
+    settled_before = time.time() - RACY_S
+    read_one_by_one = sum(1 for rel, stat in missing.items()
+                          if found[rel] is not None and stat.mtime < settled_before)
+    if read_one_by_one >= PACK_MIN_RECORDS:
+        _repack(store, dict(listing), found, lookup, settled_before)
+    return _oldest_first(found.values())
 
-    def read(rel: str) -> dict[str, Any] | None:
-        try:
-            document = json.loads(backend.read_bytes(rel))
-        except (FileNotFoundError, ValueError):
-            return None
-        return document if isinstance(document, dict) else None
 
-    if backend.is_local or len(missing) < 2:
-        found.update((rel, read(rel)) for rel in missing)
-    else:
-        with ThreadPoolExecutor(min(READ_WORKERS, len(missing)),
-                                thread_name_prefix="uncool-records") as pool:
-            found.update(zip(missing, pool.map(read, missing), strict=True))
-    if cache is not None:
-        cache.update({rel: (stat.size, stat.mtime, found[rel]) for rel, stat in listing})
-    records = [r for r in found.values() if r is not None]
+def _read_record(backend: LocalBackend | FsspecBackend, rel: str) -> dict[str, Any] | None:
+    try:
+        document = json.loads(backend.read_bytes(rel))
+    except (FileNotFoundError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _oldest_first(found: Iterable[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    records = [r for r in found if r is not None]
     return sorted(records, key=lambda r: (r.get("started", 0), r.get("flow_run_id", "")))
+
+
+def _repack(store: ObjectStore, listing: dict[str, FileStat], found: dict[str, dict[str, Any] | None],
+            lookup: packs.PackLookup, settled_before: float) -> None:
+    """Write a pack of every settled record known; then delete the packs it covers and the damaged ones."""
+    entries: dict[str, packs.Entry] = {}
+    for rel, stat in listing.items():
+        record = found.get(rel)
+        if record is not None and stat.mtime < settled_before:
+            entries[rel] = (stat.size, stat.mtime, record)
+    written = packs.write_pack(store.backend, entries)
+    if written is not None:
+        covered = [pack.rel for pack in lookup.read
+                   if pack.rel != written and packs.covers(entries, pack, listing)]
+        packs.delete_packs(store.backend, [*covered, *lookup.damaged])
 
 
 class _RecordCache:

@@ -6,6 +6,8 @@ Layout under the store's base URL::
     objects/<algo>/ab/cdef....dir   directory manifests (see :mod:`hashing`)
     refs/<key>                      named pointers to objects (JSON), e.g. Prefect results
     runs/<flow-run-id>.json         run records; every object id in them is a gc root
+    run-packs/<sha256>.json         many run records in one object, for readers that have none
+                                    (derived data: never a gc root, never read as an object)
     tmp/                            writers' temp files (removed by gc after the grace)
 
 Example:
@@ -72,6 +74,9 @@ from .keys import DIR_SUFFIX, parse_oid, validate_relpath
 OBJECTS_DIR = "objects"
 REFS_DIR = "refs"
 RUNS_DIR = "runs"
+# Packs of run records (see records/packs.py): not under runs/, so that listing
+# the records never lists the packs, and gc and verify never look at them.
+RUN_PACKS_DIR = "run-packs"
 REF_VERSION = 1
 # A put_dir with at most this many new objects fsyncs each (and their folders)
 # instead of calling syncfs twice.
