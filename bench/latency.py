@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/latency.py [--arrivals 10]
+    .venv/bin/python bench/latency.py [--arrivals 10] [--cold]
 
 Everything real and on loopback, under ``bench/.work/latency/`` (wiped at the
 start): a ``prefect server start`` on a free port, ``uncool deploy --watch``
@@ -19,7 +19,9 @@ by the trigger (``created``), and the run entering Running (its
 ``start_time``, set by the server), then Completed. The next arrival waits
 until the run is over. Goals: p50 <= 3 s and p95 <= 6 s to Running; p50 <= 10 s
 to Completed (the decision recorded). The worker polls every 0.5 s
-(``uncool worker``'s default).
+(``uncool worker``'s default) and starts flow runs warm (forks of a process
+that imported Prefect); ``--cold`` runs ``uncool worker --cold``, each run a
+new ``python -m prefect.engine``, to compare.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def _phases(flow_run_id: object, t0: float) -> tuple[float, float]:
     return _seconds(pending, t0), _seconds(first_log, t0)
 
 
-def bench(arrivals: int) -> int:
+def bench(arrivals: int, cold: bool) -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
@@ -88,14 +90,15 @@ def bench(arrivals: int) -> int:
     with prefect_server(WORK / "prefect-home") as api_url:
         os.environ["PREFECT_API_URL"] = api_url  # before Prefect is imported below
         from project import Project
-        from stack import AutomationStack, flow_runs, wait_for
+        from stack import flow_runs, wait_for
 
         from uncool_prefect.sources import write_sample, write_sample_day
 
         project = Project(WORK, "latency")
         write_sample(project.data, days=3, seed=0)
-        stack = AutomationStack(project, WORK)
-        print(f"load average {loadavg()}; server {api_url}", flush=True)
+        stack = _stack_class()(project, WORK, cold=cold)
+        print(f"load average {loadavg()}; server {api_url}; flow runs start "
+              f"{'cold' if cold else 'warm'}", flush=True)
         try:
             stack.start()
             stack.wait_for_pipeline_runs(1)
@@ -151,11 +154,43 @@ def bench(arrivals: int) -> int:
     return 0 if all(r[4] == "Completed" for r in rows) else 1
 
 
+def _stack_class() -> type:
+    """tests/stack.py's AutomationStack, whose `uncool worker` gets --cold if asked.
+
+    Built here, not at import: tests/ is on sys.path and PREFECT_API_URL set only inside bench().
+    """
+    import subprocess
+
+    from project import PROJECT, UNCOOL
+    from stack import AutomationStack
+
+    class LatencyStack(AutomationStack):
+        def __init__(self, project: object, log_dir: Path, *, cold: bool) -> None:
+            super().__init__(project, log_dir)  # type: ignore[arg-type]
+            self.cold = cold
+
+        def start(self) -> None:
+            if not self.cold:
+                return super().start()
+            done = self.project.uncool("deploy", "--watch", str(self.project.data), "--name", "issues")
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            with open(self.log_dir / "worker.log", "wb") as log:
+                self.worker = subprocess.Popen(
+                    [UNCOOL, "worker", "--cold"], cwd=PROJECT, env=self.project.env, stdout=log,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                )
+            return None
+
+    return LatencyStack
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arrivals", type=int, default=10, help="timed arrivals (default 10)")
+    parser.add_argument("--cold", action="store_true",
+                        help="`uncool worker --cold`: each flow run a new Python process")
     args = parser.parse_args()
-    return bench(args.arrivals)
+    return bench(args.arrivals, args.cold)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ run used is then a content hash, like its data and its model.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ from . import POOL, server
 
 WATCH_FLOW = "uncool-watch"
 CODE_REF = "deployments/code"
+# The pool's flow-run command: Prefect's engine, started warm where `uncool worker`
+# runs a warm-start server, else exactly `python -m prefect.engine` (see warm_client).
+# NOTE: `python` from the worker's PATH (`uncool worker` puts its own first): a
+# pool holds no path of the deploying machine.
+FLOW_RUN_COMMAND = "python -m uncool_prefect.project.warm_client -m prefect.engine"
 
 
 class DeployError(RuntimeError):
@@ -77,9 +83,13 @@ def pull_code(ref: str = CODE_REF, block: str | None = None) -> dict[str, str]:
 
 
 def ensure_work_pool(name: str = POOL) -> str:
-    """Create the process work pool, or check the one there; returns what was done."""
+    """Create the process work pool, or check the one there; returns what was done.
+
+    Its flow-run command defaults to FLOW_RUN_COMMAND (a pool made before
+    that default existed gets it; a command set by hand is kept).
+    """
     from prefect import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
@@ -89,15 +99,30 @@ def ensure_work_pool(name: str = POOL) -> str:
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(
                 name=name, type="process",
-                base_job_template=ProcessWorker.get_default_base_job_template(),
+                base_job_template=with_flow_run_command(ProcessWorker.get_default_base_job_template()),
                 description="uncool-prefect: the project's deployments (process worker)",
             ))
             return "created"
-    if pool.type != "process":
-        raise DeployError(f"work pool {name!r} exists with type {pool.type!r}; the deployments "
-                          "of uncool deploy need a process pool: delete it or rename "
-                          "work_pool.name in the project's prefect.yaml")
+        if pool.type != "process":
+            raise DeployError(f"work pool {name!r} exists with type {pool.type!r}; the deployments "
+                              "of uncool deploy need a process pool: delete it or rename "
+                              "work_pool.name in the project's prefect.yaml")
+        command = pool.base_job_template.get("variables", {}).get("properties", {}).get("command", {})
+        if command.get("default") is None:
+            client.update_work_pool(name, WorkPoolUpdate(
+                base_job_template=with_flow_run_command(pool.base_job_template)))
+            return "exists; flow runs now start through the warm-start command"
     return "exists"
+
+
+def with_flow_run_command(base_job_template: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a process pool's base job template whose command defaults to FLOW_RUN_COMMAND."""
+    template = copy.deepcopy(base_job_template)
+    properties = template.setdefault("variables", {}).setdefault("properties", {})
+    properties.setdefault("command", {"title": "Command", "anyOf": [{"type": "string"}, {"type": "null"}]})
+    properties["command"]["default"] = FLOW_RUN_COMMAND
+    template.setdefault("job_configuration", {}).setdefault("command", "{{ command }}")
+    return template
 
 
 def register_blocks() -> ObjectStore:

@@ -1,6 +1,7 @@
 """``uncool worker``: Prefect's process worker for the deployments, stopped without leftovers.
 
-The worker runs with the project's environment (:func:`worker_environment`);
+The worker runs with the project's environment (:func:`worker_environment`),
+beside a warm-start server (:mod:`.warm`) that its flow runs start from;
 stopping it cancels the flow runs it executes and resumes the watcher next
 time (see the note below).
 """
@@ -9,19 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from ..settings import get_settings
-from . import POOL, WORKER_QUERY_SECONDS
+from . import POOL, WORKER_QUERY_SECONDS, warm
 from .deploy import WATCH_FLOW, ensure_watcher_run
+from .warm_client import SOCKET_VAR
 
 
 def worker_environment(project: Path, api_url: str,
@@ -36,6 +40,9 @@ def worker_environment(project: Path, api_url: str,
     # pin the store and its block as `uncool deploy` saw them.
     env["UNCOOL_STORE"] = settings.store_url
     env["UNCOOL_BLOCK"] = settings.block
+    # NOTE: the pool's flow-run command starts `python` (deploy.FLOW_RUN_COMMAND):
+    # this environment's, where uncool-prefect and the flows' packages are.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     return env
 
 
@@ -113,13 +120,18 @@ def resume_watchers(pool: str = POOL) -> list[tuple[str, str, bool]]:
     return resumed
 
 
-def flow_run_processes(root: int | None = None,
+def flow_run_processes(roots: Collection[int] | None = None,
                        run_ids: set[str] | None = None) -> dict[str, set[int]]:
-    """flow run id -> live pids of its processes: descendants of ``root``, or any with one of ``run_ids``."""
+    """flow run id -> live pids of its processes: descendants of ``roots``, or any with one of ``run_ids``.
+
+    A warm-started run has two: the client under Prefect's worker and the
+    engine under the warm-start server (whose environment block names the
+    run, see warm_run); pass both of those parents as ``roots``.
+    """
     proc = Path("/proc")
     found: dict[str, set[int]] = {}
     if not proc.is_dir():
-        return _flow_run_processes_psutil(root, run_ids)
+        return _flow_run_processes_psutil(roots, run_ids)
     children: dict[int, list[int]] = {}
     for entry in proc.iterdir():
         if not entry.name.isdigit():
@@ -131,8 +143,8 @@ def flow_run_processes(root: int | None = None,
         state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
         if state not in "ZX":
             children.setdefault(int(ppid), []).append(int(entry.name))
-    if root is not None:
-        pids, todo = [], list(children.get(root, []))
+    if roots is not None:
+        pids, todo = [], [pid for root in roots for pid in children.get(root, [])]
         while todo:
             pid = todo.pop()
             pids.append(pid)
@@ -152,17 +164,19 @@ def flow_run_processes(root: int | None = None,
     return found
 
 
-def _flow_run_processes_psutil(root: int | None, run_ids: set[str] | None) -> dict[str, set[int]]:
+def _flow_run_processes_psutil(roots: Collection[int] | None,
+                               run_ids: set[str] | None) -> dict[str, set[int]]:
     try:
         import psutil
     except ImportError:  # neither /proc nor psutil: the API's states are all there is
         return {}
     found: dict[str, set[int]] = {}
-    try:
-        candidates = (psutil.Process(root).children(recursive=True) if root is not None
-                      else list(psutil.process_iter()))
-    except psutil.NoSuchProcess:
-        return {}
+    candidates: list[Any] = []
+    if roots is None:
+        candidates = list(psutil.process_iter())
+    for root in roots or ():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            candidates += psutil.Process(root).children(recursive=True)
     for process in candidates:
         try:
             run_id = process.environ().get(_RUN_ID_VAR[:-1].decode())
@@ -226,16 +240,61 @@ def _kill(pids: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+class _WarmStartServer:
+    """The warm-start server (:mod:`.warm`) beside Prefect's worker: its process and private folder."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        # A folder only this user can enter: whoever can connect starts runs as this user.
+        self.folder = Path(tempfile.mkdtemp(prefix="uncool-warm-"))
+        self.socket = self.folder / "engine.sock"
+        try:
+            self.process = subprocess.Popen(
+                _dying_with_this_process(warm.server_command(self.socket)),
+                env=warm.server_environment(env), cwd=self.folder, stdin=subprocess.DEVNULL,
+                process_group=0)
+        except OSError:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        self.reported = False
+
+    def report_exit(self, say: Callable[[str], object]) -> None:
+        """Say once that the server is gone (its flow runs' clients then start cold)."""
+        if not self.reported and self.process.poll() is not None:
+            self.reported = True
+            say(f"the warm-start server exited ({self.process.returncode}); "
+                "flow runs start cold from now on")
+
+    def stop(self) -> None:
+        """SIGTERM (it ends the runs it still has), SIGKILL if that takes too long; remove the folder."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=warm.STOP_GRACE + 10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _dying_with_this_process(command: list[str]) -> list[str]:
+    """``command``, getting SIGTERM when this process dies (Linux; elsewhere as is)."""
+    if sys.platform.startswith("linux"):
+        return [sys.executable, "-c", _EXEC_WITH_PARENT_DEATH_SIGNAL, str(os.getpid()), *command]
+    return command
+
+
 def supervise_worker(command: list[str], env: dict[str, str], *, say: Callable[[str], object],
-                     stop_timeout: float = 30.0) -> int:
+                     stop_timeout: float = 30.0, warm_start: bool = True) -> int:
     """Run Prefect's worker (``command``) until it exits or this process gets SIGINT/SIGTERM.
 
+    With ``warm_start`` (Linux), a warm-start server runs beside it and the
+    worker's flow runs start from it (UNCOOL_WARM_SOCKET, see :mod:`.warm`).
     On the signal: the flow runs the worker executes are cancelled through the
     API and, while the worker kills their processes, waited for up to
     ``stop_timeout`` seconds; then the worker is stopped; whatever is left
     (a run not final, a process of a run) is then cancelled by force and
-    killed. A second signal skips the waiting. Returns 0 after a requested
-    stop, else the worker's exit status.
+    killed; then the warm-start server is stopped. A second signal skips the
+    waiting. Returns 0 after a requested stop, else the worker's exit status.
     """
     signals: list[int] = []
     requested = threading.Event()
@@ -244,78 +303,91 @@ def supervise_worker(command: list[str], env: dict[str, str], *, say: Callable[[
         signals.append(signum)
         requested.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    if sys.platform.startswith("linux"):
-        command = [sys.executable, "-c", _EXEC_WITH_PARENT_DEATH_SIGNAL, str(os.getpid()), *command]
-    # Its own process group: a Ctrl-C in the terminal reaches this process only,
-    # which stops the worker in the order above.
-    worker = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, process_group=0)
-    # Every run met while stopping, and before that those met in the last
-    # RECENT seconds: a run cancelled by hand just before the stop may have no
-    # process left and its Cancelled not recorded yet.
-    seen: dict[str, set[int]] = {}
-    last_met: dict[str, float] = {}
+    with contextlib.ExitStack() as lifetime:
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        server = None
+        env = {name: value for name, value in env.items() if name != SOCKET_VAR}
+        if warm_start and sys.platform.startswith("linux"):
+            try:
+                server = _WarmStartServer(env)
+            except OSError as exc:
+                say(f"cannot start the warm-start server ({exc}); flow runs start cold")
+            else:
+                lifetime.callback(server.stop)
+                env[SOCKET_VAR] = str(server.socket)
+        # Its own process group: a Ctrl-C in the terminal reaches this process only,
+        # which stops the worker in the order above.
+        worker = subprocess.Popen(_dying_with_this_process(command), env=env,
+                                  stdin=subprocess.DEVNULL, process_group=0)
+        roots = [worker.pid] if server is None else [worker.pid, server.process.pid]
+        # Every run met while stopping, and before that those met in the last
+        # RECENT seconds: a run cancelled by hand just before the stop may have no
+        # process left and its Cancelled not recorded yet.
+        seen: dict[str, set[int]] = {}
+        last_met: dict[str, float] = {}
 
-    def scan(keep: bool = True) -> dict[str, set[int]]:
-        now = flow_run_processes(worker.pid)
-        for run_id, pids in now.items():
-            seen.setdefault(run_id, set()).update(pids)
-            last_met[run_id] = time.monotonic()
-        if not keep:
-            for run_id in [r for r, at in last_met.items() if time.monotonic() - at > _RECENT]:
-                del last_met[run_id], seen[run_id]
-        return now
+        def scan(keep: bool = True) -> dict[str, set[int]]:
+            now = flow_run_processes(roots)
+            for run_id, pids in now.items():
+                seen.setdefault(run_id, set()).update(pids)
+                last_met[run_id] = time.monotonic()
+            if not keep:
+                for run_id in [r for r, at in last_met.items() if time.monotonic() - at > _RECENT]:
+                    del last_met[run_id], seen[run_id]
+            return now
 
-    def cancel(run_ids: set[str], force: bool = False) -> set[str] | None:
-        """cancel_flow_runs; None when the API does not answer (nothing will record a state)."""
+        def cancel(run_ids: set[str], force: bool = False) -> set[str] | None:
+            """cancel_flow_runs; None when the API does not answer (nothing will record a state)."""
+            try:
+                return cancel_flow_runs(run_ids, force=force)
+            except Exception as exc:  # noqa: BLE001 - a stop goes on without the API
+                say(f"cannot cancel through the Prefect API ({type(exc).__name__}: {exc}); "
+                    "killing the flow runs' processes instead")
+                return None
+
         try:
-            return cancel_flow_runs(run_ids, force=force)
-        except Exception as exc:  # noqa: BLE001 - a stop goes on without the API
-            say(f"cannot cancel through the Prefect API ({type(exc).__name__}: {exc}); "
-                "killing the flow runs' processes instead")
-            return None
-
-    try:
-        while worker.poll() is None and not requested.wait(1.0):
-            scan(keep=False)
-        if requested.is_set():
-            scan()
-            running = {run_id: seen[run_id] for run_id in last_met}
-            say(f"{signal.Signals(signals[0]).name}: cancelling {len(running)} flow run(s) of "
-                "this worker, then stopping it")
-            pending = cancel(set(running))
-            deadline = time.monotonic() + stop_timeout
-            gone_since: dict[str, float] = {}
-            while (pending is not None and (pending or running) and len(signals) < 2
-                   and time.monotonic() < deadline):
-                time.sleep(0.5)
-                running = scan()
-                # NOTE: Prefect records Cancelled some seconds after the processes
-                # are gone (it polls their group); past _RECORD_GRACE this does.
-                for run_id in pending - set(running):
-                    gone_since.setdefault(run_id, time.monotonic())
-                late = {r for r, at in gone_since.items() if time.monotonic() - at > _RECORD_GRACE}
-                if late & pending:
-                    cancel(late & pending, force=True)
-                pending = cancel((pending - late) | set(running))
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGINT)  # Prefect's worker: stop polling, kill what is left
-            deadline = time.monotonic() + 15
-            while worker.poll() is None and len(signals) < 2 and time.monotonic() < deadline:
+            while worker.poll() is None and not requested.wait(1.0):
+                scan(keep=False)
+                if server is not None:
+                    server.report_exit(say)
+            if requested.is_set():
                 scan()
-                time.sleep(0.2)
-        else:
-            say(f"Prefect's worker exited ({worker.returncode})")
-    finally:
-        if worker.poll() is None:
-            with contextlib.suppress(OSError):
-                os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        # The worker is gone: nothing else will end these runs' processes.
-        _kill({pid for pids in flow_run_processes(run_ids=set(seen)).values() for pid in pids})
-    forced = cancel(set(seen), force=True)
-    if forced:
-        say(f"cancelled {len(forced)} flow run(s) left without a worker: {', '.join(sorted(forced))}")
+                running = {run_id: seen[run_id] for run_id in last_met}
+                say(f"{signal.Signals(signals[0]).name}: cancelling {len(running)} flow run(s) of "
+                    "this worker, then stopping it")
+                pending = cancel(set(running))
+                deadline = time.monotonic() + stop_timeout
+                gone_since: dict[str, float] = {}
+                while (pending is not None and (pending or running) and len(signals) < 2
+                       and time.monotonic() < deadline):
+                    time.sleep(0.5)
+                    running = scan()
+                    # NOTE: Prefect records Cancelled some seconds after the processes
+                    # are gone (it polls their group); past _RECORD_GRACE this does.
+                    for run_id in pending - set(running):
+                        gone_since.setdefault(run_id, time.monotonic())
+                    late = {r for r, at in gone_since.items() if time.monotonic() - at > _RECORD_GRACE}
+                    if late & pending:
+                        cancel(late & pending, force=True)
+                    pending = cancel((pending - late) | set(running))
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGINT)  # Prefect's worker: stop polling, kill what is left
+                deadline = time.monotonic() + 15
+                while worker.poll() is None and len(signals) < 2 and time.monotonic() < deadline:
+                    scan()
+                    time.sleep(0.2)
+            else:
+                say(f"Prefect's worker exited ({worker.returncode})")
+        finally:
+            if worker.poll() is None:
+                with contextlib.suppress(OSError):
+                    os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            # The worker is gone: nothing else will end these runs' processes.
+            _kill({pid for pids in flow_run_processes(run_ids=set(seen)).values() for pid in pids})
+        forced = cancel(set(seen), force=True)
+        if forced:
+            say(f"cancelled {len(forced)} flow run(s) left without a worker: {', '.join(sorted(forced))}")
     return 0 if signals else (worker.returncode or 0)
