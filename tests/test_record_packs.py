@@ -84,6 +84,22 @@ def _put(store: ObjectStore, records: list[dict[str, object]]) -> None:
         store.put_run_record(str(record["flow_run_id"]), record)
 
 
+def _pack_every_settled_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every record counts as settled, and one look reading them all writes a pack."""
+    monkeypatch.setattr(reading, "RACY_S", -10.0)
+    monkeypatch.setattr(reading, "PACK_MIN_RECORDS", RECORDS)
+
+
+def _packed(looker: Looker, monkeypatch: pytest.MonkeyPatch,
+            records: list[dict[str, object]]) -> str:
+    """``records`` stored and packed by a first look; the pack's path."""
+    _put(looker.store, records)
+    _pack_every_settled_record(monkeypatch)
+    looker.look()
+    [pack] = looker.packs()
+    return pack
+
+
 def test_a_first_look_packs_the_records_and_the_next_first_look_reads_the_pack(
         looker: Looker, monkeypatch: pytest.MonkeyPatch) -> None:
     records = _records(RECORDS)
@@ -113,11 +129,7 @@ def test_a_first_look_packs_the_records_and_the_next_first_look_reads_the_pack(
 def test_a_record_changed_after_packing_is_read_again(
         looker: Looker, monkeypatch: pytest.MonkeyPatch) -> None:
     records = _records(RECORDS)
-    _put(looker.store, records)
-    monkeypatch.setattr(reading, "RACY_S", -10.0)
-    monkeypatch.setattr(reading, "PACK_MIN_RECORDS", RECORDS)
-    looker.look()
-    [pack] = looker.packs()
+    pack = _packed(looker, monkeypatch, records)
 
     # NOTE: `uncool reproduce` rewrites a record once; here the new one is
     # longer too, as S3's mtime (to the second) may not have moved yet. A
@@ -162,11 +174,7 @@ def test_an_entry_packed_while_still_racy_by_the_stores_clock_is_not_taken(looke
 def test_a_pack_that_vanishes_between_listing_and_reading_costs_only_the_reads(
         looker: Looker, monkeypatch: pytest.MonkeyPatch) -> None:
     records = _records(RECORDS)
-    _put(looker.store, records)
-    monkeypatch.setattr(reading, "RACY_S", -10.0)
-    monkeypatch.setattr(reading, "PACK_MIN_RECORDS", RECORDS)
-    looker.look()
-    [pack] = looker.packs()
+    pack = _packed(looker, monkeypatch, records)
 
     original = packs.read_pack
 
@@ -199,8 +207,7 @@ def test_a_malformed_pack_is_skipped_with_a_warning_and_replaced(
     _put(looker.store, records)
     rel, data = _malformed(kind, records)
     looker.store.backend.write_bytes(rel, data)
-    monkeypatch.setattr(reading, "RACY_S", -10.0)
-    monkeypatch.setattr(reading, "PACK_MIN_RECORDS", RECORDS)
+    _pack_every_settled_record(monkeypatch)
 
     with caplog.at_level(logging.WARNING, logger="uncool.records"):
         assert looker.look() == records
@@ -216,8 +223,7 @@ def test_a_pack_that_cannot_be_written_is_no_error(
         looker: Looker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     records = _records(RECORDS)
     _put(looker.store, records)
-    monkeypatch.setattr(reading, "RACY_S", -10.0)
-    monkeypatch.setattr(reading, "PACK_MIN_RECORDS", RECORDS)
+    _pack_every_settled_record(monkeypatch)
 
     def denied(rel: str, data: bytes, *, overwrite: bool = False) -> bool:
         raise StorePermissionError(f"access denied to {rel} (read-only credentials)")
@@ -239,11 +245,7 @@ def test_gc_keeps_packs_and_verify_does_not_report_them(
     store = looker.store
     oids = tuple(store.put_bytes(f"object {i}".encode()).oid for i in range(3))
     records = _records(RECORDS, oids)
-    _put(store, records)
-    monkeypatch.setattr(reading, "RACY_S", -10.0)
-    monkeypatch.setattr(reading, "PACK_MIN_RECORDS", RECORDS)
-    looker.look()
-    [pack] = looker.packs()
+    pack = _packed(looker, monkeypatch, records)
 
     report = store.gc(grace=0)
     assert report.removed == [] and report.reachable == 3
