@@ -260,6 +260,7 @@ started = time.perf_counter()
 from rich.console import Console
 from uncool_prefect.cli import experiments as cli  # what `uncool exp show` imports
 from uncool_prefect.records import experiments as E
+from uncool_prefect.records import exp_table
 from uncool_prefect.settings import get_settings, open_store
 phases = {"imports (cli, store, rich)": time.perf_counter() - started}
 def phase(name, call):
@@ -280,10 +281,10 @@ phase("champion (registry)", lambda: E.champion_run_ids(records, home))
 E.read_records = lambda store: records
 table = phase("rows (params diff, metrics) + champion again", lambda: E.exp_rows(store, home))
 def layout():
-    fast = E.render_columns(table)
+    fast = exp_table.render_table_fast(table)
     width = Console(width=1001).measure(fast).maximum
     Console(file=io.StringIO(), width=width, highlight=False, soft_wrap=True).print(fast)
-phase("table layout (by column)", layout)
+phase("table layout (one pass)", layout)
 print(json.dumps(phases))
 """
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from project import Project
 
-from uncool_prefect.records import experiments, reading
+from uncool_prefect.records import exp_table, experiments, reading
 from uncool_prefect.records.targets import TargetError, resolve_target
 from uncool_prefect.sources import write_sample, write_sample_day
 from uncool_prefect.store import ObjectStore
@@ -80,9 +80,9 @@ def test_exp_show_lists_each_run_with_what_differs_from_the_first(runs: Runs) ->
     assert rows[champion["flow_run_id"]].champion
     assert first.model_version == "1"
 
-    rendered = experiments.render_table(table)
+    rendered = exp_table.render_table(table)
     assert [c.header for c in rendered.columns][5] == "train.C"
-    assert _text(experiments.render_columns(table)) == _text(rendered)
+    assert _text(exp_table.render_table_fast(table)) == _text(rendered)
     document = json.loads(experiments.to_json(table))
     assert [r["run_id"] for r in document["rows"]] == runs.ids
     assert document["rows"][0]["baseline"] is True
@@ -199,9 +199,94 @@ def test_the_column_layout_prints_what_the_row_layout_prints(tmp_path: Path) -> 
         record["params"]["train"]["note"] = ["[bold]x[/bold]", ":smile:", "wide " * i]
         store.put_run_record(record["flow_run_id"], record)
     table = experiments.exp_rows(store, tmp_path)
-    by_rows = _text(experiments.render_table(table))
-    assert _text(experiments.render_columns(table)) == by_rows
+    by_rows = _text(exp_table.render_table(table))
+    fast = exp_table.render_table_fast(table)
+    assert isinstance(fast, exp_table.OneLineTable)
+    assert _text(fast) == by_rows
     assert "[bold]x[/bold]" in by_rows and ":smile:" in by_rows
+
+
+def _row(i: int, **changes: object) -> experiments.ExpRow:
+    row = experiments.ExpRow(
+        run_id=str(uuid.UUID(int=(i + 1) << 96)), started=1_767_225_600 + 60 * i,
+        flow="train-evaluate-deploy", trigger="user", data=f"{i:064x}.dir", config={},
+        metrics={"accuracy": 0.5 + i / 100, "macro_f1": 0.25 + i / 100},
+        model_name="issue-labeler", model_version=str(i + 1))
+    for name, value in changes.items():
+        setattr(row, name, value)
+    return row
+
+
+def _mixed_table() -> experiments.ExpTable:
+    """A baseline, a champion, empty cells, wide characters and right-justified metrics."""
+    rows = [
+        _row(0),
+        _row(1, config={"train.C": 0.5, "train.label": "漢字漢字 and 😀😀"}, champion=True),
+        _row(2, config={"train.note": "  padded  "}, metrics={"accuracy": 0.75}),
+        _row(3, config={"train.C": [1, 2]}, metrics={}, model_version=None),
+        _row(4, config={"train.note": "[red]not markup[/red] :smile:"}, model_version="12  "),
+    ]
+    return experiments.ExpTable(baseline=rows[0].run_id,
+                                config_keys=["train.C", "train.label", "train.note"],
+                                metric_names=["accuracy", "macro_f1"], rows=rows)
+
+
+def test_the_one_pass_layout_prints_what_rich_prints_styles_included() -> None:
+    table = _mixed_table()
+    fast = exp_table.render_table_fast(table)
+    assert isinstance(fast, exp_table.OneLineTable)  # not the fallback: the fast path is compared
+    by_rows = _text(exp_table.render_table(table))
+    assert _text(fast) == by_rows
+    lines = by_rows.splitlines()
+    assert "experiments" in lines[0] and "baseline: 00000001; times in UTC" in lines[-1]
+    assert "00000001 (base)" in lines[4]
+    assert "漢字漢字 and 😀😀" in lines[5] and "champion" in lines[5]
+    assert "\x1b[36m  0.7500\x1b[0m" in lines[6]  # cyan, right-justified; macro_f1 empty
+    assert "[red]not markup[/red] :smile:" in lines[8]
+    assert " v12 │" in lines[8]  # right-justified as rich does: trailing spaces dropped
+
+
+def test_the_one_pass_layout_measures_and_wraps_as_rich_does() -> None:
+    from rich.console import Console
+
+    table = _mixed_table()
+    natural = Console(width=1000).measure(exp_table.render_table(table))
+    for width in (1000, natural.maximum, natural.maximum - 1, natural.maximum - 10, 80):
+        console = Console(width=width)
+        fast, by_rows = exp_table.render_table_fast(table), exp_table.render_table(table)
+        assert console.measure(fast) == console.measure(by_rows), width
+        # NOTE: narrower than the table, rich wraps cells: the one-pass layout hands over.
+        assert _text(fast, width) == _text(by_rows, width), width
+    wrapped = _text(exp_table.render_table_fast(table), natural.maximum - 10)
+    assert len(wrapped.splitlines()) > len(_text(exp_table.render_table_fast(table)).splitlines())
+
+
+def test_no_rows_and_cells_of_several_lines_print_as_rich_does() -> None:
+    from rich.console import Console
+
+    empty = experiments.ExpTable(baseline="", config_keys=["train.tags by team"],
+                                 metric_names=["f1"], rows=[])
+    assert isinstance(exp_table.render_table_fast(empty), exp_table.OneLineTable)
+    assert _text(exp_table.render_table_fast(empty)) == _text(exp_table.render_table(empty))
+    assert (Console(width=200).measure(exp_table.render_table_fast(empty))
+            == Console(width=200).measure(exp_table.render_table(empty)))
+
+    table = _mixed_table()
+    table.rows[1].config["train.note"] = "two\nlines\tand a tab"
+    fast = exp_table.render_table_fast(table)
+    assert not isinstance(fast, exp_table.OneLineTable)
+    assert _text(fast) == _text(exp_table.render_table(table))
+
+
+def test_the_one_pass_layout_refuses_what_it_does_not_lay_out() -> None:
+    from rich.table import Table
+
+    frame = Table(show_lines=True)
+    frame.add_column("a", justify="full")
+    with pytest.raises(ValueError, match=r"does not lay out: show_lines, justify other than left"):
+        exp_table.OneLineTable(frame, [["x"]])
+    with pytest.raises(ValueError, match="every cell must be one line of plain text"):
+        exp_table.OneLineTable(Table("a"), [["x\ny"]])
 
 
 def _records(n: int) -> list[dict[str, object]]:

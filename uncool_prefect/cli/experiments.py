@@ -13,7 +13,7 @@ import cyclopts
 from cyclopts import Parameter
 from rich.console import Console, RenderableType
 
-from ..records import experiments
+from ..records import exp_table, experiments
 from ..settings import get_settings
 from .common import Basepath, app, open_cli_store, out
 
@@ -69,15 +69,10 @@ def show(
     if not table.rows:
         _print("no runs recorded yet: run `uncool run` first")
         return
-    _print_rows(table)
-
-
-def _print_rows(table: experiments.ExpTable) -> None:
-    """The table, laid out by column when it fits (fast), else row by row (rows wrap together)."""
-    fast = experiments.render_columns(table)
-    limit = out.width if out.is_terminal else PIPED_MAX_WIDTH
-    natural = out.measure(fast, options=out.options.update_width(limit + 1)).maximum
-    _print(fast if natural <= limit else experiments.render_table(table))
+    # NOTE: one line a run, laid out in one pass, where the table fits the
+    # terminal (or PIPED_MAX_WIDTH); narrower, it prints as rich's table,
+    # whose rows wrap together.
+    _print(exp_table.render_table_fast(table))
 
 
 @exp_app.command(name="diff")

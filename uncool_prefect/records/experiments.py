@@ -6,7 +6,7 @@ from the record (what the model was registered with). The registry is asked only
 which model version is the champion: straight from its SQLite file when it is
 the project's default one, through MLflow otherwise; without a registry the
 champion column stays empty. No Prefect, and MLflow only for a registry that is
-not a SQLite file.
+not a SQLite file. The table ``exp show`` prints is laid out in :mod:`.exp_table`.
 """
 
 from __future__ import annotations
@@ -17,17 +17,13 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from rich.cells import cell_len
-from rich.console import Console, ConsoleOptions, Group
-from rich.measure import Measurement
-from rich.segment import Segment
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
@@ -300,108 +296,28 @@ def exp_rows(store: ObjectStore, home: Path, baseline: str | None = None,
     return table
 
 
-def _iso(timestamp: float) -> str:
+def utc_iso(timestamp: float) -> str:
+    """A Unix time as an ISO date and time in UTC, to the second."""
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
     """A config value as text: lists and mappings as JSON, None as empty."""
     if value is None:
         return ""
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-def _metric(value: float | None) -> str:
+def format_metric(value: float | None) -> str:
+    """A metric as text: four decimals, None as empty."""
     return "" if value is None else f"{value:.4f}"
-
-
-def _table_frame(table: ExpTable) -> Table:
-    """The columns of ``exp show``, no rows yet."""
-    out = Table(title="experiments", caption=f"baseline: {short(table.baseline)}; times in UTC",
-                show_header=True)
-    for name in ("run", "started", "flow", "trigger", "data"):
-        out.add_column(name, no_wrap=True)
-    for key in table.config_keys:
-        out.add_column(key, style="yellow")
-    for metric in table.metric_names:
-        out.add_column(metric, justify="right", style="cyan")
-    out.add_column("model", justify="right")
-    out.add_column("champion")
-    return out
-
-
-def _cells(table: ExpTable) -> Iterator[list[str]]:
-    """Each row's cells as text, in the order of :func:`_table_frame`'s columns."""
-    for row in table.rows:
-        run = short(row.run_id) + (" (base)" if row.run_id == table.baseline else "")
-        yield [run, _iso(row.started).replace("T", " ")[:16], row.flow, row.trigger,
-               short(row.data, 12),
-               *(_fmt(row.config[k]) if k in row.config else "" for k in table.config_keys),
-               *(_metric(row.metrics.get(m)) for m in table.metric_names),
-               f"v{row.model_version}" if row.model_version else "",
-               "champion" if row.champion else ""]
-
-
-def render_table(table: ExpTable) -> Table:
-    """The rows as a rich table, one table row per run; the baseline run is marked ``(base)``.
-
-    Cells are plain text: a value is never read as rich markup.
-    """
-    out = _table_frame(table)
-    for cells in _cells(table):
-        out.add_row(*(Text(cell) for cell in cells))
-    return out
-
-
-class _ColumnLines:
-    """One column's cells as one renderable: each cell a line, justified, never wrapped."""
-
-    def __init__(self, lines: list[str], justify: str) -> None:
-        self.lines = lines
-        self.justify = justify
-        self.width = max((cell_len(line) for line in lines), default=0)
-
-    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
-        # NOTE: the same as a Text of these lines measures: longest word, longest line.
-        words = [cell_len(word) for line in self.lines for word in line.split()]
-        return Measurement(max(words, default=self.width), self.width)
-
-    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterable[Segment]:
-        width = options.max_width
-        new_line = Segment.line()
-        right = self.justify == "right"
-        for line in self.lines:
-            pad = " " * max(0, width - cell_len(line))
-            yield Segment(pad + line if right else line + pad)
-            yield new_line
-
-
-def render_columns(table: ExpTable) -> Table:
-    """:func:`render_table` with one line per run in each column, in a tenth of the time.
-
-    NOTE: rich lays out a table cell by cell (measure, wrap, justify, crop):
-    ~50 us a cell, 1 s for a thousand runs of twenty columns. Here each column
-    is one cell whose lines are the runs, laid out once. The output is the same
-    as :func:`render_table`'s as long as no cell has to wrap, i.e. when the
-    table is given at least its natural width (``Console.measure``); narrower,
-    print :func:`render_table` instead, whose rows wrap together.
-    """
-    out = _table_frame(table)
-    columns: list[list[str]] = [[] for _ in out.columns]
-    for cells in _cells(table):
-        for column, cell in zip(columns, cells, strict=True):
-            column.append(cell)
-    if table.rows:
-        out.add_row(*(_ColumnLines(lines, str(column.justify))
-                      for lines, column in zip(columns, out.columns, strict=True)))
-    return out
 
 
 def table_to_dict(table: ExpTable) -> dict[str, Any]:
     """A JSON-ready form of the table (full ids, ISO times)."""
     return {
         "baseline": table.baseline, "columns": table.columns,
-        "rows": [{**asdict(row), "started": _iso(row.started),
+        "rows": [{**asdict(row), "started": utc_iso(row.started),
                   "baseline": row.run_id == table.baseline} for row in table.rows],
     }
 
@@ -443,7 +359,7 @@ def render_diff(diff: RunDiff) -> Group:
         for name in ("key", "old", "new"):
             config.add_column(name)
         for key, (before, after) in diff.config.items():
-            config.add_row(key, _fmt(before), _fmt(after))
+            config.add_row(key, format_value(before), format_value(after))
         parts.append(config)
     else:
         parts.append(Text("config unchanged"))
@@ -452,7 +368,7 @@ def render_diff(diff: RunDiff) -> Group:
         for name in ("metric", "old", "new", "delta"):
             metrics.add_column(name, justify="left" if name == "metric" else "right")
         for name, (before, after, delta) in diff.metrics.items():
-            metrics.add_row(name, _metric(before), _metric(after),
+            metrics.add_row(name, format_metric(before), format_metric(after),
                             "" if delta is None else f"{delta:+.4f}")
         parts.append(metrics)
     parts.append(Text(f"data changed: {short(diff.data_old, 12)} -> {short(diff.data_new, 12)}"
