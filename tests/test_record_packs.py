@@ -147,13 +147,30 @@ def test_a_record_changed_after_packing_is_read_again(
         f"runs/{r['flow_run_id']}.json" for r in (changed, added))
 
 
+def test_a_new_pack_replaces_every_pack_listed_before_it(
+        looker: Looker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packs two racing writers left, stale or never read, do not pile up."""
+    records = _records(RECORDS)
+    _put(looker.store, records)
+    # Entries no listing matches, in more packs than a reader reads (MAX_PACKS_READ).
+    for stale_size in range(1, packs.MAX_PACKS_READ + 2):
+        looker.store.backend.write_bytes(*packs.encode_pack({
+            f"runs/{r['flow_run_id']}.json": (stale_size, 1000.0, r) for r in records[:stale_size]}))
+    before = looker.packs()
+    _pack_every_settled_record(monkeypatch)
+
+    assert looker.look() == records
+    [pack] = looker.packs()
+    assert pack not in before
+
+
 def test_a_pack_entry_is_taken_only_with_the_listed_size_and_mtime(looker: Looker) -> None:
     record = _records(1)[0]
     rel = f"runs/{record['flow_run_id']}.json"
     looker.store.backend.write_bytes(*packs.encode_pack({rel: (100, 1000.0, record)}))
 
     def take(listed: FileStat) -> dict[str, dict[str, object]]:
-        return packs.PackReader(looker.store.backend).take({rel: listed}, racy_s=60.0).found
+        return packs.PackReader(looker.store.backend).take({rel: listed}, racy_s=60.0)
 
     assert take(FileStat(100, 1000.0)) == {rel: record}
     assert take(FileStat(100, 1001.0)) == {} and take(FileStat(101, 1000.0)) == {}

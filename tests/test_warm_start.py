@@ -44,10 +44,20 @@ ENGINE = ["-m", "prefect.engine"]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="warm start is Linux-only")
 
 
+def _base_env() -> dict[str, str]:
+    """This process's environment as a worker's runs would have it.
+
+    NOTE: without pytest's PYTEST_CURRENT_TEST, which changes from one test
+    phase to the next: a warm server refuses a run whose environment differs
+    from its own (but for PREFECT_*), as a worker's never does.
+    """
+    return {name: value for name, value in os.environ.items()
+            if name not in (SOCKET_VAR, "PYTEST_CURRENT_TEST")}
+
+
 def _client_env(**extra: str) -> dict[str, str]:
     """An environment in which a cold engine fails fast: no API answers on port 9."""
-    env = {name: value for name, value in os.environ.items() if name != SOCKET_VAR}
-    return {**env, "PREFECT_API_URL": "http://127.0.0.1:9/api",
+    return {**_base_env(), "PREFECT_API_URL": "http://127.0.0.1:9/api",
             "PREFECT__FLOW_RUN_ID": str(uuid.uuid4()), **extra}
 
 
@@ -191,7 +201,7 @@ def warm_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]
 
     path = tmp_path / "engine.sock"
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(warm.server_command(path), env=warm.server_environment(os.environ),
+    server = subprocess.Popen(warm.server_command(path), env=warm.server_environment(_base_env()),
                               cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, process_group=0)
     try:
         wait_for(lambda: path.exists() or server.poll() is not None, 120, "the warm server to listen")
@@ -248,6 +258,20 @@ def test_the_warm_server_runs_the_engine_with_the_runs_environment(
     assert "RuntimeWarning" not in done.stderr
 
 
+@linux_only
+def test_a_run_whose_environment_differs_from_the_servers_starts_cold(
+        tmp_path: Path, warm_server: tuple[subprocess.Popen[bytes], Path]) -> None:
+    """PYTHONHASHSEED (or the locale, or a setting a module read at import) of the run
+    itself: only a new Python has it, so the run starts as one."""
+    _server, path = warm_server
+    done = subprocess.run([*CLIENT, *ENGINE],
+                          env=_client_env(**{SOCKET_VAR: str(path), "PYTHONHASHSEED": "7"}),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1  # the cold engine, with no API on port 9
+    assert ("no warm start (the run's environment differs in PYTHONHASHSEED); starting "
+            "`python -m prefect.engine` cold") in done.stderr
+
+
 def _parent(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return int(stat[stat.rindex(")") + 2:].split()[1])
@@ -270,8 +294,9 @@ def _children(pid: int) -> list[int]:
 # -- `uncool worker` with a real Prefect server ---------------------------------------
 
 HELLO = '''\
-"""A flow that says which process runs it."""
+"""A flow that says which process runs it (and, given a sleep, starts a process that sleeps too)."""
 import os
+import subprocess
 import time
 
 from prefect import flow, get_run_logger
@@ -281,7 +306,9 @@ VERSION = {version}
 
 @flow(name="warm-hello")
 def hello(sleep: float = 0.0) -> int:
-    get_run_logger().info("hello v%s pid=%s ppid=%s", VERSION, os.getpid(), os.getppid())
+    helper = subprocess.Popen(["sleep", str(sleep)]) if sleep else None
+    get_run_logger().info("hello v%s pid=%s ppid=%s helper=%s", VERSION, os.getpid(), os.getppid(),
+                          helper.pid if helper else 0)
     time.sleep(sleep)
     return VERSION
 '''
@@ -405,10 +432,15 @@ def test_uncool_worker_runs_flows_warm_picks_up_code_changes_and_cancels(
     version, pid, ppid = _hello_line(second.id)
     assert (version, ppid) == (2, server_pid), log()
 
-    # Cancelled through the API, a running warm run ends: client and engine.
+    # Cancelled through the API, a running warm run ends: client, engine and what the
+    # flow started (the stop goes to the run's process group, as Prefect's own start does).
     third = project.run(sleep=300)
     wait_for(lambda: flow_run_state(third.id).is_running(), 60, "the third run to be Running")
     _version, engine, _ppid = _hello_line(third.id)
+    found = re.search(r"helper=(\d+)", _logs(third.id))
+    assert found, _logs(third.id)
+    helper = int(found.group(1))
+    assert _alive(helper)
     wait_for(lambda: engine in processes_of(third.id) or None, 10, "the engine named by its run")
     from prefect import get_client
     from prefect.states import Cancelling
@@ -419,6 +451,7 @@ def test_uncool_worker_runs_flows_warm_picks_up_code_changes_and_cancels(
     assert state.is_cancelled(), (state, log())
     wait_for(lambda: processes_of(third.id) == [] or None, 30, "the run's processes to end")
     assert not _alive(engine)
+    wait_for(lambda: not _alive(helper) or None, 30, "the flow's own subprocess to end")
 
     # Stopped, `uncool worker` leaves no warm server and no socket behind.
     worker.send_signal(signal.SIGTERM)

@@ -186,7 +186,7 @@ class Stage(Task[Any, Any]):
             if recorder is not None and recorder.result_storage is not None:
                 return recorder.result_storage
             blocks = sys.modules.get(f"{__package__}.blocks")  # never imported for this
-            loaded = blocks.recently_loaded_store_block(get_settings().block) if blocks else None
+            loaded = blocks.recently_loaded_store_block() if blocks else None
             if loaded is not None:
                 return loaded
         return storage

@@ -276,9 +276,14 @@ _SAVED: dict[tuple[str, str], tuple[float, ContentAddressedStorage]] = {}
 _SAVED_FOR_S = 60.0
 
 
-def recently_loaded_store_block(block_name: str) -> ContentAddressedStorage | None:
-    """The block :func:`saved_store_block` gave this process in the last minute, if any."""
-    known = _SAVED.get((block_name, get_settings().store_url))
+def recently_loaded_store_block() -> ContentAddressedStorage | None:
+    """The settings' block as :func:`saved_store_block` gave it this process in the last minute."""
+    settings = get_settings()
+    return _recently_saved(settings.block, settings.store_url)
+
+
+def _recently_saved(block_name: str, store_url: str) -> ContentAddressedStorage | None:
+    known = _SAVED.get((block_name, store_url))
     if known is not None and time.monotonic() - known[0] < _SAVED_FOR_S:
         return known[1]
     return None
@@ -297,10 +302,10 @@ def saved_store_block(block_name: str) -> ContentAddressedStorage:
 
     from prefect.exceptions import ObjectNotFound
 
-    known = recently_loaded_store_block(block_name)
+    wanted = get_settings().store_url
+    known = _recently_saved(block_name, wanted)
     if known is not None:
         return known
-    wanted = get_settings().store_url
     try:
         block: ContentAddressedStorage | None = ContentAddressedStorage.load(block_name)  # type: ignore[assignment]
     except (ValueError, ObjectNotFound):

@@ -33,9 +33,10 @@ WATCH_FLOW = "uncool-watch"
 CODE_REF = "deployments/code"
 # The pool's flow-run command: Prefect's engine, started warm where `uncool worker`
 # runs a warm-start server, else exactly `python -m prefect.engine` (see warm_client).
-# NOTE: `python` from the worker's PATH (`uncool worker` puts its own first): a
-# pool holds no path of the deploying machine.
-FLOW_RUN_COMMAND = "python -m uncool_prefect.project.warm_client -m prefect.engine"
+# NOTE: a console script, found on the worker's PATH (`uncool worker` puts its
+# own environment's first): it names the Python uncool-prefect is installed in,
+# and the pool holds no path of the deploying machine.
+FLOW_RUN_COMMAND = "uncool-flow-run -m prefect.engine"
 
 
 class DeployError(RuntimeError):

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from . import warm_run
-from .warm_client import ENGINE_ARGS, FORWARDED_SIGNALS, HEADER, MAGIC, encode
+from .warm_client import ENGINE_ARGS, FORWARDED_SIGNALS, HEADER, MAGIC, SOCKET_VAR, encode
 
 MODULE = "uncool_prefect.project.warm"
 # Imported before the first run: what every run's engine and pull step import.
@@ -66,6 +66,8 @@ PRELOAD = (
     "uncool_prefect.api",
 )
 STOP_GRACE = 10.0
+# Blocked while forking (see WarmServer._fork).
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _MAX_REQUEST = 16 << 20
 _PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SAY = "uncool warm start: "
@@ -92,6 +94,7 @@ class _Run:
     pid: int
     conn: socket.socket | None
     received: bytearray = field(default_factory=bytearray)
+    signalled: bool = False  # a stop was passed on: what is left of its group goes with it
 
 
 class WarmServer:
@@ -102,6 +105,7 @@ class WarmServer:
         self.parent = os.getppid()
         self.path_head = path_head  # sys.path[0] at the start: this process's folder
         self.pythonpath = os.environ.get("PYTHONPATH")
+        self.environment = _import_time_environment(os.environ)
         self.runs: dict[int, _Run] = {}
         self.stopping = False
         self.stop_deadline: float | None = None
@@ -188,16 +192,24 @@ class WarmServer:
         try:
             request, fds = _read_request(conn)
             refusal = self._refusal(conn, request, fds)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad request must not end every run
             request, refusal = {}, f"unreadable request ({type(exc).__name__}: {exc})"
-        if refusal is not None:
-            for fd in fds:
-                os.close(fd)
+        if refusal is None:
+            try:
+                self._fork(conn, request, fds)
+                return
+            except OSError as exc:  # EAGAIN (a pids limit), ENOMEM: this run starts cold
+                refusal = f"cannot fork ({exc})"
+        self._refuse(conn, refusal, fds)
+
+    @staticmethod
+    def _refuse(conn: socket.socket, refusal: str, fds: list[int]) -> None:
+        for fd in fds:
             with contextlib.suppress(OSError):
-                conn.sendall(encode({"refused": refusal}))
-            conn.close()
-            return
-        self._fork(conn, request, fds)
+                os.close(fd)
+        with contextlib.suppress(OSError):
+            conn.sendall(encode({"refused": refusal}))
+        conn.close()
 
     def _refusal(self, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> str | None:
         """Why this request is not served warm (the client then starts cold), or None."""
@@ -207,10 +219,22 @@ class WarmServer:
             return f"client of another user (uid {uid})"
         if self.stopping:
             return "the warm server is stopping"
-        if list(request.get("argv", []))[:2] != ENGINE_ARGS:
+        argv = request.get("argv")
+        if not isinstance(argv, list) or argv[:2] != ENGINE_ARGS:
             return f"only `python {' '.join(ENGINE_ARGS)}` starts warm"
-        if request.get("prefix") != sys.prefix:
-            return f"the client runs in another Python environment ({request.get('prefix')})"
+        if (request.get("prefix"), request.get("executable"), request.get("version")) != (
+                sys.prefix, os.path.realpath(sys.executable), sys.version):
+            return (f"the client runs another Python ({request.get('executable')}, "
+                    f"{request.get('prefix')})")
+        env = request.get("env")
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            return "no environment in the request"
+        differs = sorted(set(self.environment.items()) ^ set(_import_time_environment(env).items()))
+        if differs:
+            # NOTE: a module imported here may have read these at import
+            # (PYTHONHASHSEED, the locale, UNCOOL_S3_*...): only a new Python
+            # sees the run's values. PREFECT_* are read again in the child.
+            return f"the run's environment differs in {', '.join(sorted({k for k, _ in differs}))}"
         if len(fds) != 3:
             return f"expected the 3 standard streams, got {len(fds)} fds"
         return None
@@ -220,7 +244,15 @@ class WarmServer:
         sys.stdout.flush()
         sys.stderr.flush()
         server_pid = os.getpid()
-        pid = os.fork()
+        # NOTE: a stop the client passes on as soon as it has the pid must reach
+        # the run, not this server's handlers copied into the child: the child
+        # unblocks them once its handlers are a new interpreter's (warm_run).
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            raise
         if pid == 0:
             # NOTE: run_forked ends the process itself; this is for a bug in it:
             # a child must never come back into this loop.
@@ -231,6 +263,7 @@ class WarmServer:
                 traceback.print_exc()
             finally:
                 os._exit(70)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for fd in fds:
             os.close(fd)
         run = _Run(pid, conn)
@@ -261,7 +294,11 @@ class WarmServer:
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 signum = int(json.loads(line).get("signal"))
                 if signum in FORWARDED_SIGNALS and run.pid in self.runs:
-                    _signal_child(run.pid, signum, group=False)
+                    # NOTE: to the run's process group, as Prefect's own start stops
+                    # a run: the engine and what it started (a subprocess, a local
+                    # Dask cluster) alike.
+                    run.signalled = True
+                    _signal_child(run.pid, signum, group=True)
 
     def _client_gone(self, run: _Run) -> None:
         """The client died (or hung up): its run has no one to report to; kill its group."""
@@ -286,6 +323,10 @@ class WarmServer:
             if pid == 0:
                 return
             run = self.runs.pop(pid, None)
+            if run is not None and run.signalled:
+                # What the stopped run started and left behind goes with it.
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
             if run is None or run.conn is None:
                 continue
             ended = ({"killed": os.WTERMSIG(status)} if os.WIFSIGNALED(status)
@@ -322,6 +363,13 @@ def _read_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
             os.close(fd)
         raise
     return request, fds
+
+
+def _import_time_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables a module imported here may have read at import: all but Prefect's own
+    (the child builds Prefect's settings again) and this warm start's."""
+    return {name: value for name, value in env.items()
+            if not name.startswith("PREFECT_") and name not in (SOCKET_VAR, warm_run.PROC_SLOT_VAR)}
 
 
 def _signal_child(pid: int, signum: int, *, group: bool) -> None:

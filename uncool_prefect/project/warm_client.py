@@ -3,9 +3,10 @@
 Prefect's process worker starts each flow run as the pool's ``command``, which
 ``uncool deploy`` sets to
 
-    python -m uncool_prefect.project.warm_client -m prefect.engine
+    uncool-flow-run -m prefect.engine
 
-This process imports the standard library only. Where ``UNCOOL_WARM_SOCKET``
+(the console script of :func:`main`, whose first line names the Python
+uncool-prefect is installed in). This process imports the standard library only. Where ``UNCOOL_WARM_SOCKET``
 names a warm server (:mod:`.warm`, started by `uncool worker`), it hands the
 server its environment, working folder, arguments and standard streams; the
 server forks a process that imported Prefect before the run was due, which
@@ -38,9 +39,13 @@ HEADER = struct.Struct("!4sI")
 MAGIC = b"UWS1"
 # Signals Prefect's worker (or a person) sends the flow-run process; the engine gets them.
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-# NOTE: the server answers at once (it only forks); a server that does not is
-# wedged, and the run starts cold rather than wait for it.
-REPLY_TIMEOUT = 10.0
+# NOTE: reaching the server and handing it the request takes milliseconds; one
+# that cannot be reached in this time is wedged, and the run starts cold.
+CONNECT_TIMEOUT = 10.0
+# NOTE: once the request is handed over, the server may have forked the run:
+# starting it cold now could start it twice. A server that answers neither a
+# pid nor a refusal in this time fails the run (Crashed), loudly, instead.
+REPLY_TIMEOUT = 60.0
 _SAY = "uncool warm start: "
 
 
@@ -69,7 +74,9 @@ def request_payload(args: list[str]) -> bytes:
     umask = os.umask(0)
     os.umask(umask)
     return json.dumps({"argv": args, "env": dict(os.environ), "cwd": os.getcwd(),
-                       "umask": umask, "prefix": sys.prefix}).encode()
+                       "umask": umask, "prefix": sys.prefix,
+                       "executable": os.path.realpath(sys.executable),
+                       "version": sys.version}).encode()
 
 
 def _standard_fds() -> list[int]:
@@ -134,11 +141,17 @@ def start_cold(args: list[str], forwarder: _Forwarder) -> NoReturn:
 
 
 def connect(path: str, args: list[str]) -> tuple[socket.socket, bytearray, int] | str:
-    """Ask the server at ``path`` to start the run: (connection, read buffer, pid), or why not."""
+    """Ask the server at ``path`` to start the run: (connection, read buffer, pid), or why not.
+
+    Why not (a string: start cold) only where the server cannot have started
+    the run: it could not be reached, refused, or closed without an answer
+    (its fork dies with it). A server that takes the request and then says
+    nothing within REPLY_TIMEOUT ends this process with an error.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     pending = bytearray()
     try:
-        sock.settimeout(REPLY_TIMEOUT)
+        sock.settimeout(CONNECT_TIMEOUT)
         sock.connect(path)
         payload = request_payload(args)
         fds = _standard_fds()
@@ -147,8 +160,18 @@ def connect(path: str, args: list[str]) -> tuple[socket.socket, bytearray, int] 
             if fd > 2:
                 os.close(fd)
         sock.sendall(payload)
+    except OSError as exc:  # socket.timeout is an OSError
+        sock.close()
+        return f"{type(exc).__name__}: {exc}"
+    try:
+        sock.settimeout(REPLY_TIMEOUT)
         reply = read_message(sock, pending)
-    except (OSError, ValueError) as exc:  # socket.timeout is an OSError
+    except TimeoutError:
+        _say(f"the warm server took the run and did not answer in {REPLY_TIMEOUT:g} s; not "
+             "starting it cold as well (it may have started): failing. Restart `uncool worker`, "
+             "or run it with --cold")
+        raise SystemExit(1) from None
+    except (OSError, ValueError) as exc:
         sock.close()
         return f"{type(exc).__name__}: {exc}"
     if reply is None or "pid" not in reply:
@@ -181,7 +204,7 @@ def wait_for_run(sock: socket.socket, pending: bytearray, pid: int) -> NoReturn:
 
 
 def main(args: list[str] | None = None) -> NoReturn:
-    """``python -m uncool_prefect.project.warm_client -m prefect.engine [ARGS]``."""
+    """``uncool-flow-run -m prefect.engine [ARGS]``, or ``python -m <this module> ...``."""
     args = sys.argv[1:] if args is None else args
     # NOTE: a session of its own, as Prefect's default process start gives each
     # run: group signals to the worker (a terminal's Ctrl-C, a group kill) do

@@ -40,7 +40,7 @@ def worker_environment(project: Path, api_url: str,
     # pin the store and its block as `uncool deploy` saw them.
     env["UNCOOL_STORE"] = settings.store_url
     env["UNCOOL_BLOCK"] = settings.block
-    # NOTE: the pool's flow-run command starts `python` (deploy.FLOW_RUN_COMMAND):
+    # NOTE: the pool's flow-run command is a console script (deploy.FLOW_RUN_COMMAND):
     # this environment's, where uncool-prefect and the flows' packages are.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
     return env

@@ -28,8 +28,9 @@ from rich.text import Text, TextType
 from .experiments import ExpTable, format_metric, format_value, short, utc_iso
 
 # NOTE: rich's Text strips some control characters, expands tabs and breaks
-# lines at newlines; a cell holding any of these is left to rich's own table.
-_NOT_ONE_PLAIN_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# lines where str.splitlines does (newlines, and the line and paragraph
+# separators); a cell holding any of these is left to rich's own table.
+_NOT_ONE_PLAIN_LINE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _JUSTIFIED = ("left", "center", "right")
 # NOTE: wide enough that no header is clamped while measuring its natural width.
 _UNBOUNDED = 1 << 30

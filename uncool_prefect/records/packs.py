@@ -21,7 +21,7 @@ import json
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..store import StoreError
@@ -31,7 +31,7 @@ from ..store.objects import RUN_PACKS_DIR, RUNS_DIR
 logger = logging.getLogger("uncool.records")
 
 PACK_VERSION = 1
-# NOTE: a writer deletes the packs its new one covers, so a store holds one
+# NOTE: a writer deletes the packs listed before its new one, so a store holds one
 # pack, or a few while writers race or where deletes are denied; a reader
 # looks at no more than this many, newest first.
 MAX_PACKS_READ = 3
@@ -95,15 +95,6 @@ def read_pack(backend: Backend, rel: str) -> Pack | None:
         raise DamagedPackError(str(exc)) from exc
 
 
-@dataclass
-class PackLookup:
-    """What the packs gave: records (by path), the packs read, the damaged packs skipped."""
-
-    found: dict[str, dict[str, Any]] = field(default_factory=dict)
-    read: list[Pack] = field(default_factory=list)
-    damaged: list[str] = field(default_factory=list)
-
-
 class PackReader:
     """The packs of one look at a store: listed once, each read at most once.
 
@@ -115,7 +106,6 @@ class PackReader:
         self.backend = backend
         self._listed: list[tuple[str, FileStat]] | None = None
         self._read: dict[str, Pack | None] = {}
-        self._damaged: list[str] = []
 
     def listed(self) -> list[tuple[str, FileStat]]:
         if self._listed is None:
@@ -129,7 +119,6 @@ class PackReader:
                 self._read[rel] = read_pack(self.backend, rel)
             except DamagedPackError:
                 self._read[rel] = None
-                self._damaged.append(rel)
         return self._read[rel]
 
     def prefetch(self) -> None:
@@ -137,7 +126,7 @@ class PackReader:
         if self.listed():
             self.read(self.listed()[0][0])
 
-    def take(self, wanted: dict[str, FileStat], racy_s: float) -> PackLookup:
+    def take(self, wanted: dict[str, FileStat], racy_s: float) -> dict[str, dict[str, Any]]:
         """The records of ``wanted`` (path -> its stat in the listing just made) that packs hold unchanged.
 
         An entry is taken only if the listing gives its size and mtime, and
@@ -147,7 +136,7 @@ class PackReader:
         record still wanted is old enough for an older pack to hold it.
         """
         left = dict(wanted)
-        lookup = PackLookup()
+        found: dict[str, dict[str, Any]] = {}
         for rel, stat in self.listed()[:MAX_PACKS_READ]:
             settled_before = stat.mtime - racy_s
             if not any(wanted_stat.mtime < settled_before for wanted_stat in left.values()):
@@ -155,17 +144,15 @@ class PackReader:
             pack = self.read(rel)
             if pack is None:
                 continue
-            lookup.read.append(pack)
             for name, (size, mtime, record) in pack.entries.items():
                 listed = left.get(name)
                 if (listed is not None and listed.size == size and listed.mtime == mtime
                         and mtime < settled_before):
-                    lookup.found[name] = record
+                    found[name] = record
                     del left[name]
             if not left:
                 break
-        lookup.damaged = list(self._damaged)
-        return lookup
+        return found
 
 
 def write_pack(backend: Backend, entries: dict[str, Entry]) -> str | None:
@@ -188,7 +175,7 @@ def write_pack(backend: Backend, entries: dict[str, Entry]) -> str | None:
 
 
 def delete_packs(backend: Backend, rels: Iterable[str]) -> None:
-    """Delete packs a newer one covers; stop quietly at the first that cannot be deleted."""
+    """Delete packs a newer one replaces; stop quietly at the first that cannot be deleted."""
     for rel in rels:
         try:
             backend.delete(rel)
@@ -196,19 +183,6 @@ def delete_packs(backend: Backend, rels: Iterable[str]) -> None:
             _log_once("delete", logging.DEBUG, "could not delete the record pack %s (%s)",
                       backend.url_for(rel), exc)
             return
-
-
-def covers(entries: dict[str, Entry], pack: Pack, listing: dict[str, FileStat]) -> bool:
-    """Whether ``entries`` hold every entry of ``pack`` that a reader could still use.
-
-    An entry whose record has changed or gone since (another size or mtime in
-    ``listing``, or none) is of no use to anyone.
-    """
-    for rel, (size, mtime, _record) in pack.entries.items():
-        listed = listing.get(rel)
-        if listed is not None and (listed.size, listed.mtime) == (size, mtime) and rel not in entries:
-            return False
-    return True
 
 
 def encode_pack(entries: dict[str, Entry]) -> tuple[str, bytes]:

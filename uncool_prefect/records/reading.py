@@ -69,11 +69,10 @@ def read_records(store: ObjectStore) -> list[dict[str, Any]]:
             found[rel] = cache.get(rel, stat.size, stat.mtime)
             if found[rel] is None:
                 missing[rel] = stat
-        lookup = packs.PackLookup()
         if len(missing) >= PACK_LOOKUP_MIN:
-            lookup = pack_reader.take(missing, RACY_S)
-            found.update(lookup.found)
-            for rel in lookup.found:
+            from_packs = pack_reader.take(missing, RACY_S)
+            found.update(from_packs)
+            for rel in from_packs:
                 del missing[rel]
         if len(missing) < 2:
             found.update((rel, _read_record(backend, rel)) for rel in missing)
@@ -88,7 +87,7 @@ def read_records(store: ObjectStore) -> list[dict[str, Any]]:
     read_one_by_one = sum(1 for rel, stat in missing.items()
                           if found[rel] is not None and stat.mtime < settled_before)
     if read_one_by_one >= PACK_MIN_RECORDS:
-        _repack(store, dict(listing), found, lookup, settled_before)
+        _repack(store, dict(listing), found, [rel for rel, _ in pack_reader.listed()], settled_before)
     return _oldest_first(found.values())
 
 
@@ -106,8 +105,8 @@ def _oldest_first(found: Iterable[dict[str, Any] | None]) -> list[dict[str, Any]
 
 
 def _repack(store: ObjectStore, listing: dict[str, FileStat], found: dict[str, dict[str, Any] | None],
-            lookup: packs.PackLookup, settled_before: float) -> None:
-    """Write a pack of every settled record known; then delete the packs it covers and the damaged ones."""
+            listed_packs: list[str], settled_before: float) -> None:
+    """Write a pack of every settled record known; then delete the packs listed before it."""
     entries: dict[str, packs.Entry] = {}
     for rel, stat in listing.items():
         record = found.get(rel)
@@ -115,9 +114,11 @@ def _repack(store: ObjectStore, listing: dict[str, FileStat], found: dict[str, d
             entries[rel] = (stat.size, stat.mtime, record)
     written = packs.write_pack(store.backend, entries)
     if written is not None:
-        covered = [pack.rel for pack in lookup.read
-                   if pack.rel != written and packs.covers(entries, pack, listing)]
-        packs.delete_packs(store.backend, [*covered, *lookup.damaged])
+        # NOTE: every pack listed before this look, not only those it read and
+        # this one covers: packs are derived data, so one this look never read
+        # (a racing writer's, one past MAX_PACKS_READ, a damaged one) would
+        # otherwise stay forever; deleting one costs a later look some reads.
+        packs.delete_packs(store.backend, [rel for rel in listed_packs if rel != written])
 
 
 class _RecordCache:
