@@ -42,6 +42,12 @@ def loadavg() -> str:
         return "?"
 
 
+def run_line(script: str, started: str, dvc_version: str) -> str:
+    """The first line of a benchmark's report: which script, when, on what."""
+    return (f"{script}  started {started}  python {sys.version.split()[0]}  "
+            f"cpus {os.cpu_count()}  dvc {dvc_version}")
+
+
 def bin_path(name: str) -> str:
     """A console script of this virtualenv (prefect, uncool), else from PATH."""
     local = Path(sys.executable).with_name(name)

@@ -57,7 +57,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _common import dvc_bin, dvc_env, init_dvc_repo, loadavg
+from _common import dvc_bin, dvc_env, init_dvc_repo, loadavg, run_line
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
@@ -366,8 +366,7 @@ def main() -> None:
 
     # -- print ------------------------------------------------------------------
     print()
-    print(f"put_local.py  started {started}  python {sys.version.split()[0]}  "
-          f"cpus {os.cpu_count()}  dvc {version}")
+    print(run_line("put_local.py", started, version))
     print(f"load average (1/5/15 min) before the timed part {load_at_start} (above ~0.3: "
           f"something else was running), after it {loadavg()} (this benchmark's own included)")
     print(f"median of {args.repeat}; samples in brackets; 'ours' in-process, "

@@ -65,7 +65,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import dvc_bin, dvc_env, init_dvc_repo, loadavg
+from _common import dvc_bin, dvc_env, init_dvc_repo, loadavg, run_line
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
@@ -406,8 +406,7 @@ def main() -> None:
             shutil.rmtree(RUN, ignore_errors=True)
 
     print()
-    print(f"scale.py  started {started}  python {sys.version.split()[0]}  "
-          f"cpus {os.cpu_count()}  dvc {version}")
+    print(run_line("scale.py", started, version))
     print(f"load average (1/5/15 min) before the timed part {load_at_start}, after the local "
           f"part {load_local}, at the end {loadavg()} (this benchmark's own included)")
     print(f"ours: ObjectStore(...).put_dir in a fresh process, imports excluded; dvc add: a "

@@ -113,18 +113,20 @@ def sweep(train_split: str, points: list[dict[str, Any]], selection: dict[str, A
     futures = []
     for params, point in points_and_labels(points):
         task_ = trial.with_options(task_run_name=f"trial[{point}]", refresh_cache=refresh or None)
-        if gpu:  # one GPU per trial on Dask; on threads there is nothing to annotate
-            import dask
-
-            with dask.annotate(resources={"GPU": 1}):
-                futures.append(task_.submit(train_split, params, selection, device))
-        else:
+        # One GPU per trial on Dask; on threads there is nothing to annotate (nor dask to import).
+        with _one_gpu_each() if gpu else contextlib.nullcontext():
             futures.append(task_.submit(train_split, params, selection, device))
     results = []
     for future in futures:
         result = future.result()  # a failed trial fails the sweep, with its error
         results.append({**result, "state": future.state.name})
     return results
+
+
+def _one_gpu_each() -> Any:
+    import dask
+
+    return dask.annotate(resources={"GPU": 1})
 
 
 def points_and_labels(points: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:

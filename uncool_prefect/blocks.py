@@ -278,6 +278,8 @@ _SAVED_FOR_S = 60.0
 
 def recently_loaded_store_block() -> ContentAddressedStorage | None:
     """The settings' block as :func:`saved_store_block` gave it this process in the last minute."""
+    if not _SAVED:  # NOTE: a stage reads this on each task run: no settings read for nothing
+        return None
     settings = get_settings()
     return _recently_saved(settings.block, settings.store_url)
 

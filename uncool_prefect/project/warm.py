@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from . import warm_run
-from .warm_client import ENGINE_ARGS, FORWARDED_SIGNALS, HEADER, MAGIC, SOCKET_VAR, encode
+from .warm_client import ENGINE_ARGS, FORWARDED_SIGNALS, HEADER, MAGIC, SOCKET_VAR, encode, say
 
 MODULE = "uncool_prefect.project.warm"
 # Imported before the first run: what every run's engine and pull step import.
@@ -70,7 +70,6 @@ STOP_GRACE = 10.0
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _MAX_REQUEST = 16 << 20
 _PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_SAY = "uncool warm start: "
 
 
 def server_command(socket_path: Path) -> list[str]:
@@ -81,10 +80,6 @@ def server_command(socket_path: Path) -> list[str]:
 def server_environment(env: Mapping[str, str]) -> dict[str, str]:
     """``env`` with the placeholder each child overwrites with its flow run id (see warm_run)."""
     return {**env, warm_run.PROC_SLOT_VAR: warm_run.PROC_SLOT_VALUE}
-
-
-def say(text: str) -> None:
-    print(f"{_SAY}{text}", file=sys.stderr, flush=True)
 
 
 @dataclass

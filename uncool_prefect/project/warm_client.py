@@ -46,7 +46,7 @@ CONNECT_TIMEOUT = 10.0
 # starting it cold now could start it twice. A server that answers neither a
 # pid nor a refusal in this time fails the run (Crashed), loudly, instead.
 REPLY_TIMEOUT = 60.0
-_SAY = "uncool warm start: "
+SAY_PREFIX = "uncool warm start: "
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -91,9 +91,10 @@ def _standard_fds() -> list[int]:
     return fds
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
+    """One line on stderr (fd 2, unbuffered), named as the warm start's."""
     with contextlib.suppress(OSError):
-        os.write(2, f"{_SAY}{text}\n".encode())
+        os.write(2, f"{SAY_PREFIX}{text}\n".encode())
 
 
 class _Forwarder:
@@ -167,7 +168,7 @@ def connect(path: str, args: list[str]) -> tuple[socket.socket, bytearray, int] 
         sock.settimeout(REPLY_TIMEOUT)
         reply = read_message(sock, pending)
     except TimeoutError:
-        _say(f"the warm server took the run and did not answer in {REPLY_TIMEOUT:g} s; not "
+        say(f"the warm server took the run and did not answer in {REPLY_TIMEOUT:g} s; not "
              "starting it cold as well (it may have started): failing. Restart `uncool worker`, "
              "or run it with --cold")
         raise SystemExit(1) from None
@@ -193,13 +194,13 @@ def wait_for_run(sock: socket.socket, pending: bytearray, pid: int) -> NoReturn:
             if "killed" in message:
                 _die_like(int(message["killed"]))
     except (OSError, ValueError) as exc:
-        _say(f"lost the warm server ({type(exc).__name__}: {exc})")
+        say(f"lost the warm server ({type(exc).__name__}: {exc})")
     # NOTE: the engine was forked with the server as its parent and a death
     # signal tied to it, so it is gone already; this is for the rare case
     # where the server lost only this connection.
     with contextlib.suppress(OSError):
         os.killpg(pid, signal.SIGKILL)
-    _say(f"the warm server went away; flow-run process {pid} killed")
+    say(f"the warm server went away; flow-run process {pid} killed")
     raise SystemExit(1)
 
 
@@ -217,7 +218,7 @@ def main(args: list[str] | None = None) -> NoReturn:
         start_cold(args, forwarder)
     started = connect(path, args)
     if isinstance(started, str):
-        _say(f"no warm start ({started}); starting `python {' '.join(args)}` cold")
+        say(f"no warm start ({started}); starting `python {' '.join(args)}` cold")
         start_cold(args, forwarder)
     sock, pending, pid = started
     forwarder.start_forwarding(sock)

@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .warm_client import say
+
 ENGINE_MODULE = "prefect.engine"
 # The placeholder the server is started with, as long as PREFECT__FLOW_RUN_ID=<uuid>
 # (see _name_run_in_proc_environ).
@@ -34,7 +36,6 @@ _RUN_ID_ENTRY = b"PREFECT__FLOW_RUN_ID="
 _UUID_LENGTH = 36
 PROC_SLOT_VALUE = "0" * (len(_RUN_ID_ENTRY) + _UUID_LENGTH - len(PROC_SLOT_VAR) - 1)
 _PR_SET_PDEATHSIG = 1
-_SAY = "uncool warm start: "
 
 
 def run_forked(request: dict[str, Any], streams: list[int], server_fds: Iterable[int], *,
@@ -64,8 +65,7 @@ def run_forked(request: dict[str, Any], streams: list[int], server_fds: Iterable
         _reconfigure_stdio(unbuffered=bool(env.get("PYTHONUNBUFFERED")))
         _rebuild_prefect_settings_and_logging()
     except BaseException as exc:  # noqa: BLE001 - reported on the run's stderr, then this process ends
-        with contextlib.suppress(OSError):
-            os.write(2, f"{_SAY}cannot start the flow run: {type(exc).__name__}: {exc}\n".encode())
+        say(f"cannot start the flow run: {type(exc).__name__}: {exc}")
         os._exit(1)
     _exit_like_python(_run_engine())
 

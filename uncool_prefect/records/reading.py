@@ -74,11 +74,8 @@ def read_records(store: ObjectStore) -> list[dict[str, Any]]:
             found.update(from_packs)
             for rel in from_packs:
                 del missing[rel]
-        if len(missing) < 2:
-            found.update((rel, _read_record(backend, rel)) for rel in missing)
-        else:
-            found.update(zip(missing, pool.map(lambda rel: _read_record(backend, rel), missing),
-                             strict=True))
+        found.update(zip(missing, pool.map(lambda rel: _read_record(backend, rel), missing),
+                         strict=True))
     cache.update({rel: (stat.size, stat.mtime, found[rel]) for rel, stat in listing})
     # NOTE: the cache's rule (see _RecordCache): a record younger than RACY_S
     # may be rewritten within its mtime's second, so it is not packed either
